@@ -1,0 +1,109 @@
+"""Input checks shared by every public op and class.
+
+Every failure is a ``TypeError`` (wrong Python/tensor type or dtype) or ``ValueError`` (wrong shape,
+device, range, budget) whose message names the argument and shows what was received.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def tensor(name: str, t, *, ndim: int | Sequence[int] | None = None, dtypes: Iterable[torch.dtype] | None = None,
+           device: torch.device | None = None, last_contiguous: bool = False) -> torch.Tensor:
+    """Check that ``t`` is a tensor with the given rank, dtype and device; return it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(a) for a in allowed)
+            raise ValueError(f"{name} must have {want} dimensions, got shape {list(t.shape)}")
+    if dtypes is not None:
+        dtypes = tuple(dtypes)
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on device {device} (like the other inputs), got {t.device}")
+    if last_contiguous and t.dim() > 0 and t.stride(-1) != 1 and t.shape[-1] > 1:
+        raise ValueError(f"{name} must have a unit stride in its last dimension, got strides {list(t.stride())}")
+    return t
+
+
+def shape(name: str, t: torch.Tensor, expected: Sequence[int | None], what: str = "") -> None:
+    """Check ``t.shape`` against ``expected`` (``None`` matches any size)."""
+    ok = t.dim() == len(expected) and all(e is None or e == s for e, s in zip(expected, t.shape))
+    if not ok:
+        want = "[" + ", ".join("*" if e is None else str(e) for e in expected) + "]"
+        raise ValueError(f"{name} must have shape {want}{' ' + what if what else ''}, got {list(t.shape)}")
+
+
+def integer(name: str, v, *, low: int | None = None, high: int | None = None) -> int:
+    """Check a Python int (bools rejected) within [low, high]; return it."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.is_floating_point() and v.dtype != torch.bool:
+            v = int(v)
+        else:
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if low is not None and v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+    if high is not None and v > high:
+        raise ValueError(f"{name} must be <= {high}, got {v}")
+    return v
+
+
+def ratio(name: str, v, *, allow_zero: bool = False) -> float:
+    """Check a ratio in (0, 1] (or [0, 1] with ``allow_zero``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(v).__name__}")
+    v = float(v)
+    if not (v == v) or v > 1.0 or v < 0.0 or (v == 0.0 and not allow_zero):
+        interval = "[0, 1]" if allow_zero else "(0, 1]"
+        raise ValueError(f"{name} must be in {interval}, got {v}")
+    return v
+
+
+def choice(name: str, v, options: Sequence[str]) -> str:
+    if v not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {v!r}")
+    return v
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    """All given tensors on one device; return it."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    dev = items[0][1].device
+    for k, t in items[1:]:
+        if t.device != dev:
+            raise ValueError(f"{k} must be on device {dev} (like {items[0][0]}), got {t.device}")
+    return dev
+
+
+def page_table(name: str, table: torch.Tensor, num_pages: int, lengths: torch.Tensor | None, page_size: int) -> None:
+    """Data checks of a page table: every page that holds a token of its row lies in
+    ``[0, num_pages)``, lengths are in ``[0, max_pages * page_size]``. Reads values, so callers run
+    it only where that costs no device sync (see ``_backend.wants_data_checks``)."""
+    max_pages = table.shape[-1]
+    if lengths is not None:
+        lens = lengths.reshape(-1).to(torch.int64)
+        if lens.numel() and int(lens.min()) < 0:
+            raise ValueError(f"lengths must be >= 0, got min {int(lens.min())}")
+        cap = max_pages * page_size
+        if lens.numel() and int(lens.max()) > cap:
+            raise ValueError(
+                f"lengths must be <= max_pages * page_size = {cap} (capacity of {name}), got max {int(lens.max())}")
+        used = (lens + page_size - 1) // page_size  # pages that hold tokens, per row
+        cols = torch.arange(max_pages, device=table.device)
+        live = cols.unsqueeze(0) < used.to(table.device).unsqueeze(1)
+        vals = table.reshape(-1, max_pages)[live]
+    else:
+        vals = table.reshape(-1)
+    if vals.numel() and (int(vals.min()) < 0 or int(vals.max()) >= num_pages):
+        raise ValueError(
+            f"{name} holds page indices outside [0, {num_pages}) for tokens in use: "
+            f"min {int(vals.min())}, max {int(vals.max())}")
