@@ -46,11 +46,13 @@ from typing import Callable, Iterable, Optional
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:      # run from a source checkout without `pip install -e .`
+    sys.path.append(str(REPO_ROOT))
 
 # Order in which providers appear in tables and plots.
 PROVIDER_ORDER = ("reference", "compiled", "triton", "cuda", "kvpress", "torch")
 
-TRITON_CPU_NOTE = "skipped on CPU: Triton runs there in its interpreter, which is not a speed measurement"
+TRITON_CPU_NOTE = "on CPU Triton runs in its interpreter, which is not a speed measurement"
 
 
 @dataclass
@@ -204,7 +206,7 @@ class BenchContext:
     def cuda_ok(self) -> tuple[bool, str]:
         from kvpress_kernels._backend import cuda_ext_status
         if not self.is_gpu:
-            return False, "skipped on CPU: the CUDA extension needs CUDA tensors"
+            return False, "the CUDA extension needs CUDA tensors"
         mod, why = cuda_ext_status()
         return mod is not None, why
 
@@ -287,7 +289,7 @@ class BenchContext:
         rows: list[dict] = []
         for name in sorted(providers, key=lambda p: PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99):
             fn = providers[name]
-            row = {"op": op, **case, "provider": name, "status": "ok", "note": "",
+            row = {"op": op, **case, "case": " ".join(f"{k}={v}" for k, v in list(case.items())[:2]), "provider": name, "status": "ok", "note": "",
                    "median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan, "reps": 0,
                    "floor_bytes": floor_bytes if floor_bytes is not None else math.nan,
                    "floor_ms": (floor_bytes / (bw * 1e9) * 1e3) if floor_bytes else math.nan,
@@ -313,6 +315,10 @@ class BenchContext:
                 peak = self.peak_extra_bytes(fn)
             except Exception as exc:  # one failing provider must not sink the whole run
                 msg = f"{exc.__class__.__name__}: {exc}".splitlines()[0][:300]
+                if isinstance(exc, ValueError) and "backend (it has" in msg:
+                    row.update(status="skipped", note=f"op has no such backend ({msg[12:120]})")
+                    rows.append(row)
+                    continue
                 row.update(status="error", note=msg)
                 rows.append(row)
                 if self.verbose:
@@ -438,16 +444,14 @@ def plot_results(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
 def format_table(rows: list[dict]) -> str:
     """A compact text table of the rows (what the CLI prints)."""
     lines = []
-    header = f"{'op':<14} {'case':<34} {'provider':<10} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} " \
+    header = f"{'op':<16} {'case':<26} {'provider':<12} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} " \
              f"{'%copyBW':>7} {'peak extra':>11}  vs peers"
     lines.append(header)
     lines.append("-" * len(header))
-    skip = {"op", "provider", "status", "note", "median_ms", "p20_ms", "p80_ms", "reps", "floor_bytes",
-            "floor_ms", "gbps", "pct_copy_bw", "copy_bw_gbps", "peak_extra_bytes", "floor_note"}
     for r in rows:
-        case = " ".join(f"{k}={v}" for k, v in r.items() if k not in skip and not k.startswith("x_vs_"))
+        case = r.get("case", "")
         if r["status"] != "ok":
-            lines.append(f"{r['op']:<14} {case[:34]:<34} {r['provider']:<10} {r['status']}: {r['note'][:70]}")
+            lines.append(f"{r['op']:<16} {case[:26]:<26} {r['provider']:<12} {r['status']}: {r['note'][:70]}")
             continue
         peers = " ".join(f"{k[5:]}:{v:.2f}x" for k, v in r.items()
                          if k.startswith("x_vs_") and isinstance(v, float) and not math.isnan(v))
@@ -455,7 +459,7 @@ def format_table(rows: list[dict]) -> str:
         pct = f"{r['pct_copy_bw']:.0f}%" if not math.isnan(r["pct_copy_bw"]) else "-"
         pk = r["peak_extra_bytes"]
         pk = fmt_bytes(pk) if isinstance(pk, (int, float)) and not math.isnan(pk) else "-"
-        lines.append(f"{r['op']:<14} {case[:34]:<34} {r['provider']:<10} {r['median_ms']:>10.3f} "
+        lines.append(f"{r['op']:<16} {case[:26]:<26} {r['provider']:<12} {r['median_ms']:>10.3f} "
                      f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {gb:>8} {pct:>7} {pk:>11}  {peers}")
     return "\n".join(lines)
 
@@ -475,3 +479,74 @@ def main_for(name: str, run: Callable[[BenchContext], list[dict]], argv: Optiona
         paths += plot_results(rows, Path(args.out), ctx.meta)
         print("wrote " + ", ".join(str(p) for p in paths))
     return 0
+
+
+def make_paged_cache(ctx: BenchContext, *, layers: int, batch: int, kv_heads: int, tokens: int, head_dim: int,
+                     dtype: torch.dtype, page_size: int = 16, extra_tokens: int = 0, seed: int = 0):
+    """A filled paged cache with one pool shared by all layers (like ``PagedKVCache``).
+
+    Returns ``(k_pages, v_pages, page_table [layers, batch, kv_heads, max_pages] int32,
+    lengths [layers, batch, kv_heads] int32)``; every row holds ``tokens`` keys and owns pages for
+    ``tokens + extra_tokens``. Pages of a row are scattered over the pool (shuffled page ids).
+    """
+    g = torch.Generator().manual_seed(seed)
+    rows = layers * batch * kv_heads
+    pages_per_row = -(-(tokens + extra_tokens) // page_size)
+    table, num_pages = random_page_table(rows, pages_per_row, device=ctx.device, generator=g)
+    k_pages = torch.randn(num_pages, page_size, head_dim, dtype=dtype, device=ctx.device)
+    v_pages = torch.randn(num_pages, page_size, head_dim, dtype=dtype, device=ctx.device)
+    lengths = torch.full((layers, batch, kv_heads), tokens, dtype=torch.int32, device=ctx.device)
+    return k_pages, v_pages, table.view(layers, batch, kv_heads, pages_per_row), lengths
+
+
+def random_kept_idx(rows: int, tokens: int, keep: int, *, device, protect_recent: int = 0,
+                    seed: int = 0) -> torch.Tensor:
+    """``[rows, keep]`` int32, ascending: a random ``keep``-subset of ``range(tokens)`` per row that
+    always holds the last ``protect_recent`` slots (SnapKV's window), as a selection would return."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(rows, tokens, generator=g)
+    if protect_recent:
+        scores[:, tokens - protect_recent:] = 2.0
+    idx = scores.topk(keep, dim=1).indices.sort(dim=1).values
+    return idx.to(torch.int32).to(device)
+
+
+def moved_tokens(kept_idx: torch.Tensor) -> int:
+    """Tokens in-place compaction moves: kept slots at or beyond the new length (valid entries only)."""
+    valid = kept_idx >= 0
+    n = valid.sum(-1, keepdim=True)
+    return int((valid & (kept_idx >= n)).sum())
+
+
+def compile_size(ctx: BenchContext, sizes: list[int]) -> int:
+    """The one size per op at which ``torch.compile(reference)`` is measured: compiling costs tens of
+    seconds per shape, more than the whole rest of a GPU run (32k tokens on GPU, the middle size else)."""
+    return 32768 if ctx.is_gpu and 32768 in sizes else sizes[len(sizes) // 2]
+
+
+def op_providers(ctx: BenchContext, ref_fn: Callable, public_fn: Callable, args: tuple, *, kwargs: Optional[dict] = None,
+                 ref_kwargs: Optional[dict] = None, backends: Iterable[str] = ("triton", "cuda"),
+                 before: Optional[Callable[[], object]] = None, compile: bool = True) -> dict[str, object]:
+    """The standard providers of one op: ``reference`` (``ref_fn`` eager), ``compiled``
+    (``torch.compile(ref_fn)``, only when ``compile``), and the public op forced to each of
+    ``backends``. ``before`` runs first inside every timed call (e.g. restoring ``lengths`` that the
+    op advances)."""
+    kwargs = kwargs or {}
+    ref_kwargs = kwargs if ref_kwargs is None else ref_kwargs
+    pre = before or (lambda: None)
+
+    def call(fn, **extra):
+        def f():
+            pre()
+            return fn(*args, **ref_kwargs if fn is not public_fn else {**kwargs, **extra})
+        return f
+
+    providers: dict[str, object] = {"reference": call(ref_fn)}
+    cref = ctx.compiled(ref_fn) if compile else None
+    providers["compiled"] = call(cref) if cref is not None else \
+        ("torch.compile runs on GPU, and on CPU only in full runs (not --quick)" if compile else
+         "torch.compile is measured at one size per op (compiling costs more than the run)")
+    for b in backends:
+        ok, why = ctx.triton_ok() if b == "triton" else ctx.cuda_ok()
+        providers[b] = call(public_fn, backend=b) if ok else why
+    return providers
