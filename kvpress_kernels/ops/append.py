@@ -67,7 +67,7 @@ if triton is not None:
     @triton.jit
     def _append_kernel(k_pages, v_pages, pos_pages, table, lengths, counts, k_new, v_new, pos_new,
                        stride_kp_page, stride_kp_slot, stride_vp_page, stride_vp_slot,
-                       stride_table_row, stride_kn_row, stride_kn_t, stride_vn_row, stride_vn_t,
+                       stride_table_row, stride_table_col, stride_kn_row, stride_kn_t, stride_vn_row, stride_vn_t,
                        stride_pn_row, T, D, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
                        HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr):
         # One program per (row, new token); lengths are updated by a second tiny launch so that no
@@ -80,7 +80,7 @@ if triton is not None:
             n = T
         if t < n:
             slot = tl.load(lengths + row).to(tl.int64) + t
-            page = tl.load(table + row * stride_table_row + slot // PAGE_SIZE).to(tl.int64)
+            page = tl.load(table + row * stride_table_row + (slot // PAGE_SIZE) * stride_table_col).to(tl.int64)
             off = slot % PAGE_SIZE
             d = tl.arange(0, BLOCK_D)
             for d0 in range(0, D, BLOCK_D):
@@ -123,7 +123,7 @@ def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, 
     _append_kernel[(rows, T)](
         kp, vp, pp, table, lens, cnt, kn, vn, pn,
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
-        table.stride(0), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
+        table.stride(0), table.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
         pn.stride(0) if pos_pages is not None else 0, T, D,
         PAGE_SIZE=page_size, BLOCK_D=block_d, HAS_COUNTS=counts is not None, HAS_POS=pos_pages is not None)
     _advance_lengths_kernel[(triton.cdiv(rows, 256),)](lens, cnt, rows, T, HAS_COUNTS=counts is not None, BLOCK=256)
