@@ -242,6 +242,13 @@ def test_triton_split_count_does_not_matter(device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("device", devices_for_triton())
+def test_triton_many_query_rows(device):
+    # G*T = 72 query rows per kv head: more than one BLOCK_M block of rows (and of probs rows)
+    check_triton_vs_reference(device, torch.float32, 8, 9, 16, 16, True, 2, torch.int32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
 def test_triton_strided_inputs(device):
     G, T, D, ps = 2, 3, 32, 16
     q, kp, vp, table, lens = make_case(2, 2, G, T, D, ps, [40, 7, 19, 2], device=device, table_dtype=torch.int64)

@@ -258,9 +258,11 @@ if triton is not None:
 
 
 def _blocks(G: int, T: int, D: int) -> tuple[int, int, int]:
-    # tl.dot wants every dimension >= 16 on GPUs; D is padded (and masked) to a power of two
-    block_m = min(64, max(16, triton.next_power_of_2(G * T)))
+    # tl.dot wants every dimension >= 16 on GPUs; D is padded (and masked) to a power of two. Tiles are
+    # capped so that the fp32 path (the largest) stays near 100 KB of shared memory at D = 256 (sm_90
+    # AOT build: 103 KB for M=32, N=32, D=256); more than BLOCK_M query rows take more programs.
     block_d = max(16, triton.next_power_of_2(D))
+    block_m = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(G * T)))
     block_n = 64 if block_d <= 128 else 32
     return block_m, block_n, block_d
 
