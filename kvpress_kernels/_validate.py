@@ -89,6 +89,10 @@ def page_table(name: str, table: torch.Tensor, num_pages: int, lengths: torch.Te
     ``[0, num_pages)``, lengths are in ``[0, max_pages * page_size]``. Reads values, so callers run
     it only where that costs no device sync (see ``_backend.wants_data_checks``)."""
     max_pages = table.shape[-1]
+    if max_pages == 0 or table.numel() == 0:
+        if lengths is not None and lengths.numel() and int(lengths.max()) > 0:
+            raise ValueError(f"{name} has no pages but lengths reach {int(lengths.max())}")
+        return
     if lengths is not None:
         lens = lengths.reshape(-1).to(torch.int64)
         if lens.numel() and int(lens.min()) < 0:
