@@ -4,3 +4,19 @@ __version__ = "0.1.0"
 
 from . import ops  # noqa: E402,F401  (registers the torch.library ops)
 from ._backend import info  # noqa: E402,F401
+
+# Methods, the paged cache and the transformers entry points (issue 4). The transformers integration is
+# imported on first use, so that `import kvpress_kernels` does not pay for importing transformers.
+from .cache import PagedKVCache  # noqa: E402,F401
+from .methods import (H2O, TOVA, ChunkKV, CompressionMethod, KNorm, PyramidKV, ShotKV, SnapKV,  # noqa: E402,F401
+                      StreamingLLM)
+from .shots import find_shots  # noqa: E402,F401
+
+_TRANSFORMERS_EXPORTS = ("compress", "generate", "PagedCache", "CompressionSession")
+
+
+def __getattr__(name):
+    if name in _TRANSFORMERS_EXPORTS:
+        from .integrations import transformers as _tf
+        return getattr(_tf, name)
+    raise AttributeError(f"module 'kvpress_kernels' has no attribute {name!r}")

@@ -1,0 +1,179 @@
+"""H2O and TOVA: attention-accumulation methods that also evict while decoding (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import _validate as V
+from ..ops.scoring import attention_mass
+from ..ops.selection import select_topk
+from .base import CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, scores_by_group
+from .shotkv import shared_scores_by_position
+from .snapkv import topk_per_head
+
+
+class H2O(CompressionMethod):
+    """H2O, heavy-hitter oracle (Zhang et al. 2023): keep the tokens with the largest *accumulated*
+    attention plus a window of recent tokens, per (sequence, kv head).
+
+    Prefill: accumulated attention of key ``j`` = Σ over every prompt query (causal) and over the query
+    heads of the kv head of its softmax probability (``attention_mass`` with ``W = n``,
+    ``head_reduce="group_sum"``). Each row keeps ``budget = ceil(keep_ratio * n)`` tokens: the
+    ``floor(recent_ratio * budget)`` most recent, then the heaviest hitters.
+
+    Decoding (``compress_decode``): every step adds the step's attention probabilities (from the paged
+    decode attention kernel, summed over the group) to each cached token's accumulated score; when a row
+    holds more than ``ceil(keep_ratio * t)`` tokens (``t`` = tokens of the sequence so far) the lowest
+    accumulated scores outside the recent window are evicted. ``keep_ratio = 1`` never evicts.
+
+    Parameters
+    ----------
+    keep_ratio : float in (0, 1]
+    recent_ratio : float in [0, 1]
+        Share of the budget reserved for the most recent tokens (the H2O paper splits half and half).
+    compress_decode : bool
+        Also evict while decoding.
+    """
+
+    def __init__(self, keep_ratio: float = 0.5, *, recent_ratio: float = 0.5, compress_decode: bool = True):
+        super().__init__(keep_ratio)
+        self.recent_ratio = V.ratio("recent_ratio", recent_ratio, allow_zero=True)
+        self.compress_decode = bool(compress_decode)
+        self._acc: Dict[int, torch.Tensor] = {}
+
+    @property
+    def needs_decode_probs(self) -> bool:  # type: ignore[override]
+        return self.compress_decode and self.keep_ratio < 1.0
+
+    def _repr_args(self):
+        return {"keep_ratio": self.keep_ratio, "recent_ratio": self.recent_ratio,
+                "compress_decode": self.compress_decode}
+
+    def begin(self, info) -> None:
+        super().begin(info)
+        self._acc = {}
+
+    def _recent(self, budget: int) -> int:
+        return min(budget, int(self.recent_ratio * budget))
+
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        info = inputs.info
+        lengths = [int(n) for n in info.prompt_lengths]
+        N = inputs.keys.shape[2]
+        dev = inputs.keys.device
+
+        def score(idx, n, w):
+            sel = torch.tensor(idx, device=dev)
+            q = inputs.queries.index_select(0, sel)[:, :, :n].contiguous()
+            k = inputs.keys.index_select(0, sel)[:, :, :n]
+            return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="group_sum", backend=info.backend)
+
+        budgets = [budget_tokens(self.keep_ratio, n) for n in lengths]
+        need_scores = any(b < n for b, n in zip(budgets, lengths)) or self.needs_decode_probs
+        if not need_scores:
+            return None
+        scores = scores_by_group(lengths, lengths, N, score)                              # [B, Hkv, N]
+        if self.needs_decode_probs:
+            self._acc[inputs.layer] = scores.clone()                                     # indexed by position
+        if all(b >= n for b, n in zip(budgets, lengths)):
+            return None
+        B, Hkv = scores.shape[0], scores.shape[1]
+        start = torch.tensor([n - self._recent(b) for n, b in zip(lengths, budgets)], device=dev)
+        protect = (torch.arange(N, device=dev).view(1, 1, N) >= start.view(B, 1, 1)).expand(B, Hkv, N)
+        return topk_per_head(scores, budgets, inputs.lengths, protect=protect.reshape(B * Hkv, N),
+                             backend=info.backend)
+
+    def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
+        if not self.needs_decode_probs or inputs.probs is None:
+            return None
+        info = inputs.info
+        acc = self._acc[inputs.layer]
+        B, Hkv, S = inputs.probs.shape
+        dev = inputs.probs.device
+        max_pos = int(inputs.seen_host.max())
+        if acc.shape[-1] < max_pos:
+            grown = acc.new_zeros(B, Hkv, max(2 * acc.shape[-1], max_pos))
+            grown[..., :acc.shape[-1]] = acc
+            acc = self._acc[inputs.layer] = grown
+        pos = inputs.positions.long()
+        valid = pos >= 0
+        idx = pos.clamp(min=0)
+        acc.scatter_add_(2, idx, torch.where(valid, inputs.probs, 0.0))
+        budgets = [budget_tokens(self.keep_ratio, int(t)) for t in inputs.seen_host]
+        new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
+        if (new_len == inputs.lengths_host).all():
+            return None
+        scores = torch.where(valid, acc.gather(2, idx), 0.0)
+        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
+        recent = torch.tensor([max(1, self._recent(b)) for b in budgets], device=dev).view(B, 1, 1)
+        protect = valid & (pos >= seen - recent)
+        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
+                              protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
+                              backend=info.backend)
+        return Eviction(kept.view(B, Hkv, -1), new_len.astype(np.int64))
+
+
+class TOVA(CompressionMethod):
+    """TOVA, token omission via attention (Oren et al. 2024): keep the tokens the *current* query attends
+    to most, averaged over all heads of the layer; every kv head keeps the same tokens.
+
+    Prefill: score = attention from the last prompt query summed over all query heads; keep
+    ``ceil(keep_ratio * n)`` tokens (the last token always). Decoding (``compress_decode``): after each
+    step, score = that step's attention probabilities summed over all heads; rows above
+    ``ceil(keep_ratio * t)`` tokens drop their lowest-scored tokens (the newest token is always kept).
+    """
+
+    def __init__(self, keep_ratio: float = 0.5, *, compress_decode: bool = True):
+        super().__init__(keep_ratio)
+        self.compress_decode = bool(compress_decode)
+
+    @property
+    def needs_decode_probs(self) -> bool:  # type: ignore[override]
+        return self.compress_decode and self.keep_ratio < 1.0
+
+    def _repr_args(self):
+        return {"keep_ratio": self.keep_ratio, "compress_decode": self.compress_decode}
+
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        info = inputs.info
+        lengths = [int(n) for n in info.prompt_lengths]
+        budgets = [budget_tokens(self.keep_ratio, n) for n in lengths]
+        if all(b >= n for b, n in zip(budgets, lengths)):
+            return None
+        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
+        dev = inputs.keys.device
+
+        def score(idx, n, w):
+            sel = torch.tensor(idx, device=dev)
+            q = inputs.queries.index_select(0, sel)[:, :, n - 1:n].contiguous()
+            k = inputs.keys.index_select(0, sel)[:, :, :n]
+            return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
+
+        scores = scores_by_group(lengths, [1] * B, N, score)                              # [B, N]
+        shared = scores.unsqueeze(1).expand(B, Hkv, N)
+        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        protect = (torch.arange(N, device=dev).view(1, 1, N) == last.view(B, 1, 1)).expand(B, Hkv, N)
+        return topk_per_head(shared, budgets, inputs.lengths, protect=protect.reshape(B * Hkv, N),
+                             backend=info.backend)
+
+    def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
+        if not self.needs_decode_probs or inputs.probs is None:
+            return None
+        budgets = [budget_tokens(self.keep_ratio, int(t)) for t in inputs.seen_host]
+        new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
+        if (new_len == inputs.lengths_host).all():
+            return None
+        B, Hkv, S = inputs.probs.shape
+        dev = inputs.probs.device
+        scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
+        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
+        protect = inputs.positions.long() == seen - 1
+        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
+                              protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
+                              backend=inputs.info.backend)
+        return Eviction(kept.view(B, Hkv, -1), new_len.astype(np.int64))

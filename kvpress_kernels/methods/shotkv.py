@@ -1,0 +1,210 @@
+"""ShotKV: shot-level prefill compression plus a separate compression of generated tokens
+(Liu et al. 2025, "Can LLMs Maintain Fundamental Abilities under KV Cache Compression?"; DESIGN.md §6).
+The choices the paper leaves open are listed in docs/METHODS.md."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import _validate as V
+from ..ops.scoring import attention_mass
+from ..ops.segments import segment_reduce, segments_to_token_mask
+from ..ops.selection import POLICIES, select_segments, select_topk
+from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, kept_from_mask,
+                   scores_by_group)
+
+
+class ShotKV(CompressionMethod):
+    """ShotKV: keep or drop whole few-shot exemplars (*shots*) at prefill, then compress the generated
+    tokens on their own while decoding.
+
+    Prefill, per layer, per sequence of ``n`` prompt tokens split into shots (caller-given token spans,
+    see :mod:`kvpress_kernels.shots`) and non-shot spans (everything else: instruction, separators,
+    the final question):
+
+    1. token score ``s_j`` = attention mass key ``j`` receives from the observation-window queries,
+       summed over **all** query heads of the layer (``attention_mass(..., head_reduce="all_sum")``);
+    2. shot score = mean of ``s_j`` over the shot's tokens;
+    3. non-shot spans and any shot that overlaps the observation window are protected: kept, and
+       counted against the budget first;
+    4. the other shots, ranked by score, are kept whole, greedily, while the kept tokens stay within
+       ``ceil(prefill_keep_ratio * n)`` (``policy="stop"``: the first shot that does not fit ends the
+       selection, the paper's greedy fill; ``"skip"``: smaller, lower-ranked shots may still fill the
+       remainder). A budget below the protected tokens keeps exactly the protected tokens.
+
+    Every kv head keeps the same tokens. The compressed prefill cache is then frozen: decoding never
+    evicts a prompt token.
+
+    Decoding (when ``decode_keep_ratio < 1``), per layer, after each step: a generated token's score is
+    the attention it receives from the current query, summed over all heads; of the ``g`` tokens
+    generated so far the top ``ceil(decode_keep_ratio * g)`` stay, the ``decode_recent`` most recent
+    always among them (clipped to that budget). So after every step each row holds exactly
+    ``prefill_kept + ceil(decode_keep_ratio * g)`` tokens.
+
+    Parameters
+    ----------
+    prefill_keep_ratio : float in (0, 1]
+        Prefill budget as a fraction of the prompt (also accepted as ``keep_ratio``). Default 0.5.
+    decode_keep_ratio : float in (0, 1], optional
+        Budget of generated tokens; default: equal to ``prefill_keep_ratio``. ``1.0`` disables decoding
+        compression.
+    window_size : int, optional
+        Observation window. Default ``None``: the question, i.e. the tokens after the last shot
+        (``min(fallback_window, n)`` last tokens when the prompt ends with a shot).
+    fallback_window : int
+        See ``window_size``.
+    policy : {"stop", "skip"}
+        Greedy fill rule (step 4).
+    decode_recent : int
+        Most recent generated tokens always kept while decoding.
+    """
+
+    def __init__(self, prefill_keep_ratio: Optional[float] = None, decode_keep_ratio: Optional[float] = None, *,
+                 keep_ratio: Optional[float] = None, window_size: Optional[int] = None, fallback_window: int = 8,
+                 policy: str = "stop", decode_recent: int = 4):
+        if prefill_keep_ratio is not None and keep_ratio is not None:
+            raise ValueError("keep_ratio is another name for prefill_keep_ratio: give only one of them")
+        ratio = prefill_keep_ratio if prefill_keep_ratio is not None else keep_ratio
+        super().__init__(0.5 if ratio is None else V.ratio(
+            "prefill_keep_ratio" if prefill_keep_ratio is not None else "keep_ratio", ratio))
+        self.decode_keep_ratio = (self.keep_ratio if decode_keep_ratio is None
+                                  else V.ratio("decode_keep_ratio", decode_keep_ratio))
+        self.window_size = None if window_size is None else V.integer("window_size", window_size, low=1)
+        self.fallback_window = V.integer("fallback_window", fallback_window, low=1)
+        self.policy = V.choice("policy", policy, POLICIES)
+        self.decode_recent = V.integer("decode_recent", decode_recent, low=0)
+        self._prefill_kept: Dict[int, np.ndarray] = {}
+
+    @property
+    def prefill_keep_ratio(self) -> float:
+        return self.keep_ratio
+
+    @property
+    def needs_decode_probs(self) -> bool:  # type: ignore[override]
+        return self.decode_keep_ratio < 1.0
+
+    def _repr_args(self) -> Dict[str, object]:
+        return {"prefill_keep_ratio": self.keep_ratio, "decode_keep_ratio": self.decode_keep_ratio,
+                "window_size": self.window_size, "policy": self.policy, "decode_recent": self.decode_recent}
+
+    def begin(self, info) -> None:
+        super().begin(info)
+        if info.shots is None:
+            raise ValueError("shots must be given for ShotKV: pass shots=[(start, end), ...] (token spans of the "
+                             "few-shot exemplars, see kvpress_kernels.find_shots) to compress() or generate()")
+        self._prefill_kept = {}
+
+    # -------------------------------------------------------------- segmentation of one prompt
+    def segments(self, spans: List[Tuple[int, int]], n: int) -> List[Tuple[int, int, bool]]:
+        """The prompt cut into consecutive ``(start, end, is_shot)`` segments covering ``[0, n)``."""
+        out: List[Tuple[int, int, bool]] = []
+        cur = 0
+        for s, e in spans:
+            if s > cur:
+                out.append((cur, s, False))
+            out.append((s, e, True))
+            cur = e
+        if cur < n:
+            out.append((cur, n, False))
+        return out
+
+    def window(self, spans: List[Tuple[int, int]], n: int) -> int:
+        if self.window_size is not None:
+            return min(self.window_size, n)
+        tail = n - (spans[-1][1] if spans else 0)
+        return tail if tail > 0 else min(self.fallback_window, n)
+
+    # -------------------------------------------------------------- prefill
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        info = inputs.info
+        lengths = [int(n) for n in info.prompt_lengths]
+        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
+        dev = inputs.keys.device
+        shots = info.shots
+        windows = [self.window(sp, n) for sp, n in zip(shots, lengths)]
+        segs = [self.segments(sp, n) for sp, n in zip(shots, lengths)]
+        budgets, keep_all = [], True
+        for b, n in enumerate(lengths):
+            w0 = n - windows[b]
+            protected = sum(e - s for s, e, shot in segs[b] if not shot or e > w0)
+            budget = max(budget_tokens(self.keep_ratio, n), protected)
+            budgets.append(budget)
+            keep_all &= budget >= n
+        if keep_all:
+            self._prefill_kept[inputs.layer] = np.asarray(lengths, dtype=np.int64)
+            return None
+
+        def score(idx, n, w):
+            sel = torch.tensor(idx, device=dev)
+            q = inputs.queries.index_select(0, sel)[:, :, n - w:n].contiguous()
+            k = inputs.keys.index_select(0, sel)[:, :, :n]
+            return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
+
+        scores = scores_by_group(lengths, windows, N, score)                              # [B, N]
+        S = max(len(s) for s in segs)
+        spans = np.zeros((B, S, 2), dtype=np.int64)
+        protect = np.ones((B, S), dtype=bool)          # padding segments are empty: protecting them is free
+        for b, n in enumerate(lengths):
+            spans[b, :, :] = n                         # empty padding segments at the row's end
+            w0 = n - windows[b]
+            for i, (s, e, shot) in enumerate(segs[b]):
+                spans[b, i] = (s, e)
+                protect[b, i] = (not shot) or e > w0
+        sizes = spans[..., 1] - spans[..., 0]
+        spans_t = torch.from_numpy(spans).to(dev)
+        seg_scores = segment_reduce(scores, spans=spans_t, reduce="mean", lengths=inputs.lengths,
+                                    backend=info.backend)
+        seg_keep = select_segments(seg_scores, torch.from_numpy(sizes).to(dev),
+                                   torch.from_numpy(np.asarray(budgets, dtype=np.int64)).to(dev),
+                                   policy=self.policy, protect=torch.from_numpy(protect).to(dev),
+                                   backend=info.backend)
+        mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=spans_t)
+        kept, counts = kept_from_mask(mask)
+        self._prefill_kept[inputs.layer] = counts
+        return Eviction(kept.unsqueeze(1).expand(B, Hkv, kept.shape[1]).contiguous(),
+                        np.repeat(counts[:, None], Hkv, axis=1))
+
+    # -------------------------------------------------------------- decoding
+    def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
+        if self.decode_keep_ratio >= 1.0 or inputs.probs is None:
+            return None
+        info = inputs.info
+        g = int(inputs.generated)
+        budget_gen = budget_tokens(self.decode_keep_ratio, g)
+        pre = self._prefill_kept[inputs.layer]                                            # [B]
+        held_gen = inputs.lengths_host - pre[:, None]                                     # [B, Hkv]
+        if (held_gen <= budget_gen).all():
+            return None
+        B, Hkv, S = inputs.probs.shape
+        dev = inputs.probs.device
+        scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
+        prompt = torch.tensor(info.prompt_lengths, device=dev, dtype=torch.int64).view(B, 1, 1)
+        recent = min(self.decode_recent, budget_gen)
+        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
+        pos = inputs.positions.long()
+        # the frozen prefill cache and the most recent generated tokens
+        protect = (pos >= 0) & ((pos < prompt) | (pos >= seen - recent))
+        new_len = pre[:, None] + np.minimum(held_gen, budget_gen)                         # [B, Hkv]
+        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
+                              protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
+                              backend=info.backend)
+        return Eviction(kept.view(B, Hkv, -1), new_len.astype(np.int64))
+
+
+def shared_scores_by_position(probs: torch.Tensor, positions: torch.Tensor, max_pos: int) -> torch.Tensor:
+    """Per-slot score shared by every kv head of a sequence: ``out[b, h, s] = Σ_{h'} probs[b, h', s']``
+    over the slots ``s'`` of every head that hold the same original position as ``(b, h, s)``.
+
+    Going through positions keeps this right even if heads' slot orders differ; 0 for empty slots
+    (``positions < 0``). ``probs, positions: [B, Hkv, S]``; returns float32 ``[B, Hkv, S]``."""
+    B, H, S = probs.shape
+    pos = positions.long()
+    valid = pos >= 0
+    idx = pos.clamp(min=0).reshape(B, H * S)
+    buf = torch.zeros(B, max_pos + 1, dtype=torch.float32, device=probs.device)
+    buf.scatter_add_(1, idx, torch.where(valid, probs.float(), 0.0).reshape(B, H * S))
+    return torch.where(valid, buf.gather(1, idx).view(B, H, S), 0.0)
