@@ -136,15 +136,15 @@ def _mass_rows_ref(q: torch.Tensor, kd: torch.Tensor, lens: torch.Tensor, scale:
             pos = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, -1)  # [B, Hkv, c]
             vis = vis & (j.view(1, 1, 1, N) <= pos.unsqueeze(-1))                # [B, Hkv, c, N]
         vis = vis.unsqueeze(2)                                                    # [B, Hkv, 1, c|1, N]
-        logits = logits.masked_fill(~vis, float("-inf"))
+        logits.masked_fill_(~vis, float("-inf"))                                  # in place: one temporary
         row_lse = torch.logsumexp(logits, dim=-1)                                 # [B, Hkv, G, c]
         lse_out[..., w0:w1] = row_lse
         if want_mass:
             use = lse_in[..., w0:w1] if lse_in is not None else row_lse
-            p = torch.exp(logits - use.unsqueeze(-1))
-            # A row that sees no key has lse = -inf and would give nan; its mass is 0 by definition.
-            p = torch.where(vis, p, torch.zeros((), dtype=p.dtype, device=dev))
-            mass += p.sum(dim=3)
+            # A row that sees no key has lse = -inf; shifting its (all -inf) logits by 0 instead
+            # gives exp = 0 rather than nan. Masked logits are -inf, so exp zeroes them.
+            use = torch.where(torch.isfinite(use), use, torch.zeros((), device=dev))
+            mass += logits.sub_(use.unsqueeze(-1)).exp_().sum(dim=3)
     return (mass.view(B, Hq, N) if want_mass else None), lse_out.view(B, Hq, W)
 
 
@@ -512,7 +512,9 @@ def _blocks(q: torch.Tensor, W: int, G: int, D: int) -> tuple[int, int, int, int
     """(BLOCK_M for pass 2, BLOCK_M for pass 1, BLOCK_N, BLOCK_D). tl.dot needs every dim >= 16."""
     block_d = max(16, triton.next_power_of_2(D))
     if q.device.type == "cuda":
-        cap_m, block_n = 64, (64 if D <= 128 else 32)
+        # A 64-key tile of 128 fp16 dims is 16 KiB of registers per program; halve it for wider rows
+        # (fp32 operands, or D > 128) so tiles + logits stay in registers without spilling.
+        cap_m, block_n = 64, (64 if D * q.element_size() <= 256 else 32)
     else:  # interpreter: small tiles so that awkward sizes span several of them
         cap_m, block_n = 32, 32
     block_m = _OVERRIDES.get("block_m") or max(16, min(cap_m, triton.next_power_of_2(max(W, 1))))
