@@ -242,6 +242,20 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def test_compile_fullgraph():
+    """torch.compile sees one opaque mutating op: no graph break (fullgraph), results unchanged.
+    aot_eager exercises tracing and functionalization without paying for inductor codegen."""
+    case = make_case(lead=(2, 3), page_size=4, seed=12)
+    c = clone_case(case)
+
+    def f(k, v, t, lengths, kept, pos):
+        compact_(k, v, t, lengths, kept, pos_pages=pos, backend="reference")
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(
+        c["k_pages"], c["v_pages"], c["page_table"], c["lengths"], c["kept_idx"], c["pos_pages"])
+    assert_same(c, naive_compact(case), "compiled")
+
+
 # --------------------------------------------------------------------------- bad inputs
 def _call(case, **over):
     c = clone_case(case)
