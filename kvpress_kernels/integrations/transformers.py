@@ -170,6 +170,8 @@ class PagedCache(Cache):
     ----------
     kv : PagedKVCache or None
         The paged storage, created at the first prefill call.
+    lengths_after_prefill : ndarray ``[layers, batch, kv_heads]`` or None
+        Tokens held per row once prefill compression finished.
     """
 
     def __init__(self, model, method: Optional[CompressionMethod] = None, *, shots=None, page_size: int = 16,
@@ -199,7 +201,7 @@ class PagedCache(Cache):
         self._t_decode0: Optional[float] = None
         self._bytes_after_prefill: Optional[int] = None
         self._tokens_after_prefill: Optional[int] = None
-        self._dense: Dict[int, tuple] = {}
+        self.lengths_after_prefill: Optional[np.ndarray] = None
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -348,7 +350,8 @@ class PagedCache(Cache):
             self._times["compress_s"] += time.perf_counter() - t0
         if layer == self.spec.num_layers - 1:
             self._bytes_after_prefill = kv.bytes_in_use()
-            self._tokens_after_prefill = int(kv.seq_lengths().sum())
+            self.lengths_after_prefill = kv.seq_lengths()
+            self._tokens_after_prefill = int(self.lengths_after_prefill.sum())
 
     # -------------------------------------------------------------- decoding
     def _decode(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,0 +1,544 @@
+"""The compression methods as policies, on synthetic prefill/decode inputs (no model), each compared with
+an independent naive float64 formula of its rule; shot finding; bad inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kvpress_kernels.methods import (H2O, TOVA, ChunkKV, DecodeInputs, GenerationInfo, KNorm, PrefillInputs,
+                                     PyramidKV, ShotKV, SnapKV, StreamingLLM, budget_tokens)
+from kvpress_kernels.shots import find_shots, normalize_batch_shots, validate_spans
+
+
+# ------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------
+
+def make_inputs(lengths, Hq=4, Hkv=2, D=8, *, layer=0, num_layers=2, shots=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, N = len(lengths), max(lengths)
+    q = torch.randn(B, Hq, N, D, generator=g)
+    k = torch.randn(B, Hkv, N, D, generator=g)
+    v = torch.randn(B, Hkv, N, D, generator=g)
+    for b, n in enumerate(lengths):
+        q[b, :, n:] = 0
+        k[b, :, n:] = 0
+        v[b, :, n:] = 0
+    info = GenerationInfo(num_layers=num_layers, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
+                          prompt_lengths=tuple(lengths), shots=shots)
+    return PrefillInputs(layer=layer, queries=q, keys=k, values=v, lengths=torch.tensor(lengths),
+                         scale=D ** -0.5, info=info)
+
+
+def naive_mass(inp, b, window, *, causal=True):
+    """float64 ``[Hq, n]``: attention each key of sequence b gets from its last ``window`` queries."""
+    n = inp.info.prompt_lengths[b]
+    Hq, Hkv = inp.queries.shape[1], inp.keys.shape[1]
+    G = Hq // Hkv
+    out = torch.zeros(Hq, n, dtype=torch.float64)
+    for h in range(Hq):
+        qs = inp.queries[b, h, n - window:n].double()
+        ks = inp.keys[b, h // G, :n].double()
+        logits = qs @ ks.T * inp.scale
+        for w in range(window):
+            pos = n - window + w
+            row = logits[w].clone()
+            if causal:
+                row[pos + 1:] = -math.inf
+            out[h] += torch.softmax(row, 0)
+    return out
+
+
+def naive_pool(s, kernel, end, kind):
+    """Centred pooling of the first ``end`` entries (zero padding for avg, ignored for max)."""
+    out = s.clone()
+    r = kernel // 2
+    for j in range(end):
+        vals = [s[j + o] for o in range(-r, r + 1) if 0 <= j + o < end]
+        out[j] = sum(vals) / kernel if kind == "avg" else max(vals)
+    return out
+
+
+def naive_topk(scores, budget, protected):
+    """Protected first, then best scores (ties to the lower position)."""
+    keep = set(protected)
+    rest = sorted((j for j in range(len(scores)) if j not in keep), key=lambda j: (-float(scores[j]), j))
+    keep.update(rest[: budget - len(keep)])
+    return keep
+
+
+def kept_sets(ev, B, Hkv):
+    out = {}
+    kept = ev.kept_idx
+    assert kept.dtype == torch.int32
+    for b in range(B):
+        for h in range(Hkv):
+            row = kept[b, h]
+            valid = row[row >= 0].tolist()
+            assert valid == sorted(valid) and len(set(valid)) == len(valid), "kept_idx must ascend"
+            assert (row[len(valid):] == -1).all(), "kept_idx padding must be -1 after the kept slots"
+            out[b, h] = set(valid)
+            if ev.new_lengths is not None:
+                assert ev.new_lengths[b, h] == len(valid)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# budgets
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio,n,expected", [(0.3, 10, 3), (0.5, 7, 4), (1.0, 5, 5), (0.01, 5, 1), (0.7, 0, 0),
+                                              (0.1, 30, 3), (0.29, 100, 29)])
+def test_budget_tokens(ratio, n, expected):
+    assert budget_tokens(ratio, n) == expected
+
+
+# ------------------------------------------------------------------------------------------------
+# SnapKV / PyramidKV
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lengths,Hq,Hkv,window,kernel,pooling,ratio", [
+    ([23, 17], 4, 2, 5, 3, "avg", 0.4),
+    ([31], 3, 1, 4, 5, "max", 0.3),
+    ([19, 19], 8, 8, 3, 1, "none", 0.5),
+    ([7, 12], 4, 1, 6, 3, "avg", 0.2),       # budget smaller than the window for the short prompt
+])
+def test_snapkv_matches_naive(lengths, Hq, Hkv, window, kernel, pooling, ratio):
+    inp = make_inputs(lengths, Hq, Hkv)
+    ev = SnapKV(ratio, window_size=window, kernel_size=kernel, pooling=pooling).prefill(inp)
+    got = kept_sets(ev, len(lengths), Hkv)
+    G = Hq // Hkv
+    for b, n in enumerate(lengths):
+        W = min(window, n)
+        budget = budget_tokens(ratio, n)
+        mass = naive_mass(inp, b, W)
+        for h in range(Hkv):
+            s = mass[h * G:(h + 1) * G].mean(0)
+            if pooling != "none":
+                s = naive_pool(s, kernel, n - W, pooling)
+            prot = range(n - min(W, budget), n)
+            assert got[b, h] == naive_topk(s, budget, prot), (b, h)
+
+
+@pytest.mark.parametrize("n", [50, 203, 1000])
+@pytest.mark.parametrize("L", [1, 4, 30])
+@pytest.mark.parametrize("ratio", [0.25, 0.625, 0.875])
+def test_pyramidkv_budgets_follow_kvpress(n, L, ratio):
+    """Our layer budgets equal kvpress's PyramidKVPress.get_layer_budget (the reference formula).
+
+    Ratios are dyadic so that kvpress's ``1 - compression_ratio`` is exactly our ``keep_ratio``
+    (otherwise float noise can move a ``round`` at .5 by one token)."""
+    kvpress = pytest.importorskip("kvpress")
+    from types import SimpleNamespace
+    W = 16
+    press = kvpress.PyramidKVPress(compression_ratio=1 - ratio, window_size=W)
+    ours = PyramidKV(ratio, window_size=W)
+    for layer in range(L):
+        module = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=L), layer_idx=layer)
+        assert ours.layer_budget(layer, L, n) == press.get_layer_budget(module, n), layer
+    budgets = [ours.layer_budget(layer, L, n) for layer in range(L)]
+    assert budgets == sorted(budgets, reverse=True)
+    # same total as SnapKV at the same ratio, up to rounding (one token per layer); with a single
+    # layer kvpress's formula gives that layer the pyramid's top (its quirk, which we follow)
+    if L > 1:
+        assert abs(sum(budgets) - L * n * ratio) <= L
+
+
+def test_pyramidkv_prefill_uses_layer_budget():
+    lengths = [120, 97]
+    for layer in (0, 3):
+        inp = make_inputs(lengths, 4, 2, layer=layer, num_layers=4)
+        m = PyramidKV(0.4, window_size=8, beta=2)
+        ev = m.prefill(inp)
+        for b, n in enumerate(lengths):
+            assert (ev.new_lengths[b] == m.layer_budget(layer, 4, n)).all()
+    inp0 = make_inputs(lengths, 4, 2, layer=0, num_layers=4)
+    inp3 = make_inputs(lengths, 4, 2, layer=3, num_layers=4)
+    assert PyramidKV(0.4, window_size=8, beta=2).prefill(inp0).new_lengths.sum() > \
+        PyramidKV(0.4, window_size=8, beta=2).prefill(inp3).new_lengths.sum()
+
+
+# ------------------------------------------------------------------------------------------------
+# ChunkKV
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_chunkkv_matches_naive(policy):
+    lengths, Hq, Hkv, C, W, ratio = [37, 26], 4, 2, 5, 4, 0.4
+    inp = make_inputs(lengths, Hq, Hkv, seed=3)
+    ev = ChunkKV(ratio, chunk_size=C, window_size=W, kernel_size=3, policy=policy).prefill(inp)
+    got = kept_sets(ev, 2, Hkv)
+    for b, n in enumerate(lengths):
+        s = naive_pool(naive_mass(inp, b, W).sum(0), 3, n - W, "avg")
+        chunks = [(c, min(c + C, n)) for c in range(0, n, C)]
+        score = [float(s[a:e].mean()) for a, e in chunks]
+        prot = [e > n - W for a, e in chunks]
+        keep = {i for i, p in enumerate(prot) if p}
+        rem = max(budget_tokens(ratio, n), sum(e - a for (a, e), p in zip(chunks, prot) if p)) - \
+            sum(e - a for (a, e), p in zip(chunks, prot) if p)
+        for i in sorted((i for i in range(len(chunks)) if not prot[i]), key=lambda i: (-score[i], i)):
+            size = chunks[i][1] - chunks[i][0]
+            if size <= rem:
+                keep.add(i)
+                rem -= size
+            elif policy == "stop":
+                break
+        want = {j for i in keep for j in range(*chunks[i])}
+        for h in range(Hkv):
+            assert got[b, h] == want, (b, h)
+
+
+def test_chunkkv_layer_reuse():
+    m = ChunkKV(0.5, chunk_size=4, window_size=4, reuse_every=2)
+    info_inp = make_inputs([30], 4, 2, layer=0, num_layers=4, seed=1)
+    m.begin(info_inp.info)
+    ev0 = m.prefill(info_inp)
+    ev1 = m.prefill(make_inputs([30], 4, 2, layer=1, num_layers=4, seed=2))
+    ev2 = m.prefill(make_inputs([30], 4, 2, layer=2, num_layers=4, seed=2))
+    assert torch.equal(ev0.kept_idx, ev1.kept_idx)          # layer 1 reuses layer 0
+    fresh = ChunkKV(0.5, chunk_size=4, window_size=4).prefill(make_inputs([30], 4, 2, layer=2, num_layers=4, seed=2))
+    assert torch.equal(ev2.kept_idx, fresh.kept_idx)        # layer 2 selects again
+    assert not torch.equal(ev0.kept_idx, ev2.kept_idx)
+
+
+# ------------------------------------------------------------------------------------------------
+# ShotKV
+# ------------------------------------------------------------------------------------------------
+
+def test_shotkv_keeps_the_most_attended_shot_whole_and_drops_the_others_whole():
+    torch.manual_seed(0)
+    B, Hq, Hkv, D = 1, 4, 2, 16
+    # prompt: [0, 2) instruction | 4 shots of 10 tokens | [42, 50) question
+    shots = [(2, 12), (12, 22), (22, 32), (32, 42)]
+    n = 50
+    inp = make_inputs([n], Hq, Hkv, D, shots=[shots])
+    u = torch.zeros(D)
+    u[0] = 1.0
+    q = inp.queries
+    k = inp.keys
+    q[:, :, 42:] = 4.0 * u                       # the question asks about direction u ...
+    k[:, :, :] = 0.1 * torch.randn(B, Hkv, n, D)
+    k[:, :, 22:32] += 3.0 * u                    # ... which only shot 2 holds
+    m = ShotKV(0.5, policy="skip")
+    m.begin(inp.info)
+    ev = m.prefill(inp)
+    kept = kept_sets(ev, B, Hkv)
+    for h in range(Hkv):
+        s = kept[0, h]
+        assert set(range(22, 32)) <= s, "the most attended shot must be kept whole"
+        assert set(range(0, 2)) <= s and set(range(42, 50)) <= s, "non-shot spans are protected"
+        for a, e in shots:
+            part = set(range(a, e)) & s
+            assert part in (set(), set(range(a, e))), f"shot {(a, e)} split"
+        # budget ceil(0.5 * 50) = 25: protected 10 + one 10-token shot; the others dropped whole
+        assert len(s) == 20
+
+
+def naive_shotkv(inp, b, ratio, policy, window):
+    n = inp.info.prompt_lengths[b]
+    spans = inp.info.shots[b]
+    s = naive_mass(inp, b, window).sum(0)
+    segs, cur = [], 0
+    for a, e in spans:
+        if a > cur:
+            segs.append((cur, a, False))
+        segs.append((a, e, True))
+        cur = e
+    if cur < n:
+        segs.append((cur, n, False))
+    w0 = n - window
+    prot = [not shot or e > w0 for a, e, shot in segs]
+    need = sum(e - a for (a, e, _), p in zip(segs, prot) if p)
+    rem = max(budget_tokens(ratio, n), need) - need
+    keep = {i for i, p in enumerate(prot) if p}
+    order = sorted((i for i in range(len(segs)) if not prot[i]),
+                   key=lambda i: (-float(s[segs[i][0]:segs[i][1]].mean()), i))
+    for i in order:
+        size = segs[i][1] - segs[i][0]
+        if size <= rem:
+            keep.add(i)
+            rem -= size
+        elif policy == "stop":
+            break
+    return {j for i in keep for j in range(segs[i][0], segs[i][1])}
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+@pytest.mark.parametrize("window_size", [None, 3])
+def test_shotkv_matches_naive(policy, window_size):
+    lengths = [60, 45]
+    shots = [[(1, 9), (9, 20), (20, 26), (30, 44), (44, 51)], [(0, 7), (7, 19), (22, 30), (30, 38)]]
+    inp = make_inputs(lengths, 6, 2, shots=shots, seed=5)
+    m = ShotKV(0.45, window_size=window_size, policy=policy)
+    m.begin(inp.info)
+    got = kept_sets(m.prefill(inp), 2, 2)
+    for b, n in enumerate(lengths):
+        w = m.window(shots[b], n)
+        assert w == (n - shots[b][-1][1] if window_size is None else window_size)
+        want = naive_shotkv(inp, b, 0.45, policy, w)
+        assert got[b, 0] == want and got[b, 1] == want
+
+
+def test_shotkv_window_protects_an_overlapping_shot_and_fallback_window():
+    m = ShotKV(0.3, window_size=12)
+    spans = [(0, 10), (10, 20), (20, 30)]
+    inp = make_inputs([34], 2, 1, shots=[spans])
+    m.begin(inp.info)
+    kept = kept_sets(m.prefill(inp), 1, 1)[0, 0]
+    assert set(range(20, 34)) <= kept            # the window [22, 34) overlaps shot (20, 30): protected whole
+    assert ShotKV(0.3).window([(0, 10), (10, 30)], 30) == 8      # prompt ends with a shot: fallback window
+
+
+def test_shotkv_decode_keeps_top_generated_and_recent_by_shared_score():
+    """One decoding step: the frozen prefill tokens stay, the generated tokens keep
+    ceil(ratio * g) = top scores summed over heads (matched by position, heads' slot orders differ)
+    plus the most recent ones."""
+    prompt = 10
+    info = GenerationInfo(num_layers=1, batch_size=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                          prompt_lengths=(prompt,), shots=[[(0, 5)]])
+    m = ShotKV(0.6, decode_keep_ratio=0.5, decode_recent=2)
+    m.begin(info)
+    m._prefill_kept[0] = np.array([6])
+    pre_pos = [0, 2, 4, 6, 8, 9]
+    gen_pos = list(range(10, 17))                                  # g = 7 generated tokens
+    order0 = pre_pos + gen_pos
+    order1 = pre_pos[::-1] + gen_pos[3:] + gen_pos[:3]             # another slot order in head 1
+    S = 16
+    positions = torch.full((1, 2, S), -1, dtype=torch.int32)
+    positions[0, 0, :13] = torch.tensor(order0, dtype=torch.int32)
+    positions[0, 1, :13] = torch.tensor(order1, dtype=torch.int32)
+    per_pos = {p: 0.01 * p for p in pre_pos}
+    per_pos.update({10: 0.05, 11: 0.30, 12: 0.02, 13: 0.20, 14: 0.01, 15: 0.0, 16: 0.03})
+    probs = torch.zeros(1, 2, S)
+    for h, order in enumerate((order0, order1)):
+        for s, p in enumerate(order):
+            probs[0, h, s] = per_pos[p] * (1.0 if h == 0 else 0.5)
+    ev = m.decode(DecodeInputs(layer=0, generated=7, probs=probs, positions=positions,
+                               lengths=torch.tensor([[13, 13]], dtype=torch.int32),
+                               lengths_host=np.array([[13, 13]]), seen_host=np.array([17]), info=info))
+    budget = math.ceil(0.5 * 7)                                    # 4 generated tokens
+    want = set(pre_pos) | {15, 16} | {11, 13}                      # recent 2 + best 2 of the rest
+    for h, order in enumerate((order0, order1)):
+        kept = ev.kept_idx[0, h]
+        kept_pos = {order[s] for s in kept[kept >= 0].tolist()}
+        assert kept_pos == want
+        assert ev.new_lengths[0, h] == 6 + budget
+    # nothing to evict while within budget
+    assert m.decode(DecodeInputs(layer=0, generated=7, probs=probs, positions=positions,
+                                 lengths=torch.tensor([[10, 10]], dtype=torch.int32),
+                                 lengths_host=np.array([[10, 10]]), seen_host=np.array([17]), info=info)) is None
+
+
+def test_shotkv_no_compression_when_budget_covers_prompt():
+    inp = make_inputs([20], 2, 1, shots=[[(0, 5), (5, 10)]])
+    m = ShotKV(1.0)
+    m.begin(inp.info)
+    assert m.prefill(inp) is None
+    assert not m.needs_decode_probs
+
+
+# ------------------------------------------------------------------------------------------------
+# H2O, TOVA, KNorm, StreamingLLM
+# ------------------------------------------------------------------------------------------------
+
+def test_h2o_prefill_and_decode_match_naive():
+    lengths, Hq, Hkv = [21, 14], 4, 2
+    inp = make_inputs(lengths, Hq, Hkv, seed=7)
+    m = H2O(0.5, recent_ratio=0.25)
+    m.begin(inp.info)
+    ev = m.prefill(inp)
+    got = kept_sets(ev, 2, Hkv)
+    G = Hq // Hkv
+    acc = {}
+    for b, n in enumerate(lengths):
+        mass = naive_mass(inp, b, n)                                   # all queries, causal
+        budget = budget_tokens(0.5, n)
+        recent = int(0.25 * budget)
+        for h in range(Hkv):
+            s = mass[h * G:(h + 1) * G].sum(0)
+            acc[b, h] = s
+            assert got[b, h] == naive_topk(s, budget, range(n - recent, n)), (b, h)
+    # one decoding step on a cache laid out in kept order plus one new token per row
+    S = 16
+    positions = torch.full((2, Hkv, S), -1, dtype=torch.int32)
+    probs = torch.zeros(2, Hkv, S)
+    lengths_host = np.zeros((2, Hkv), dtype=np.int64)
+    g = torch.Generator().manual_seed(1)
+    for b, n in enumerate(lengths):
+        for h in range(Hkv):
+            pos = sorted(got[b, h]) + [n]
+            positions[b, h, :len(pos)] = torch.tensor(pos, dtype=torch.int32)
+            probs[b, h, :len(pos)] = torch.rand(len(pos), generator=g)
+            lengths_host[b, h] = len(pos)
+    seen = np.array([n + 1 for n in lengths])
+    ev2 = m.decode(DecodeInputs(layer=0, generated=1, probs=probs, positions=positions,
+                                lengths=torch.from_numpy(lengths_host).int(), lengths_host=lengths_host,
+                                seen_host=seen, info=inp.info))
+    for b, n in enumerate(lengths):
+        budget = budget_tokens(0.5, n + 1)
+        recent = max(1, int(0.25 * budget))
+        for h in range(Hkv):
+            pos = positions[b, h, :lengths_host[b, h]].tolist()
+            total = [float(acc[b, h][p]) if p < n else 0.0 for p in pos]
+            total = [t + float(probs[b, h, s]) for s, t in enumerate(total)]
+            prot = [s for s, p in enumerate(pos) if p >= n + 1 - recent]
+            want = naive_topk(total, min(budget, len(pos)), prot)
+            kept = ev2.kept_idx[b, h]
+            assert set(kept[kept >= 0].tolist()) == want, (b, h)
+
+
+def test_tova_prefill_matches_naive():
+    lengths = [18, 25]
+    inp = make_inputs(lengths, 4, 2, seed=11)
+    got = kept_sets(TOVA(0.4).prefill(inp), 2, 2)
+    for b, n in enumerate(lengths):
+        s = naive_mass(inp, b, 1).sum(0)
+        want = naive_topk(s, budget_tokens(0.4, n), [n - 1])
+        assert got[b, 0] == want and got[b, 1] == want
+
+
+def test_knorm_keeps_lowest_norms():
+    lengths = [15, 9]
+    inp = make_inputs(lengths, 2, 2, seed=2)
+    got = kept_sets(KNorm(0.5).prefill(inp), 2, 2)
+    for b, n in enumerate(lengths):
+        for h in range(2):
+            norms = inp.keys[b, h, :n].double().norm(dim=-1)
+            assert got[b, h] == naive_topk(-norms, budget_tokens(0.5, n), [])
+
+
+def test_streaming_llm_keeps_sinks_and_recent():
+    lengths = [20, 11]
+    inp = make_inputs(lengths, 2, 1)
+    got = kept_sets(StreamingLLM(0.5, n_sink=3).prefill(inp), 2, 1)
+    assert got[0, 0] == set(range(3)) | set(range(20 - 7, 20))
+    assert got[1, 0] == set(range(3)) | set(range(11 - 3, 11))
+    tiny = kept_sets(StreamingLLM(0.1, n_sink=4).prefill(make_inputs([20], 2, 1)), 1, 1)
+    assert tiny[0, 0] == {0, 1}
+
+
+@pytest.mark.parametrize("method", [SnapKV(1.0), PyramidKV(1.0), ChunkKV(1.0), H2O(1.0), TOVA(1.0), KNorm(1.0),
+                                    StreamingLLM(1.0)])
+def test_keep_ratio_one_keeps_everything(method):
+    inp = make_inputs([13, 9], 4, 2)
+    method.begin(inp.info)
+    assert method.prefill(inp) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [SnapKV, PyramidKV, ChunkKV, H2O, TOVA, KNorm, StreamingLLM])
+@pytest.mark.parametrize("bad,err", [(0.0, ValueError), (1.5, ValueError), (-0.1, ValueError),
+                                     (float("nan"), ValueError), ("0.5", TypeError), (True, TypeError)])
+def test_keep_ratio_outside_unit_interval(cls, bad, err):
+    with pytest.raises(err, match="keep_ratio"):
+        cls(bad)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: SnapKV(0.5, window_size=0), "window_size"),
+    (lambda: SnapKV(0.5, kernel_size=4), "kernel_size"),
+    (lambda: SnapKV(0.5, pooling="mean"), "pooling"),
+    (lambda: PyramidKV(0.5, beta=0), "beta"),
+    (lambda: ChunkKV(0.5, chunk_size=0), "chunk_size"),
+    (lambda: ChunkKV(0.5, policy="greedy"), "policy"),
+    (lambda: ChunkKV(0.5, reuse_every=0), "reuse_every"),
+    (lambda: ShotKV(0.5, keep_ratio=0.5), "keep_ratio"),
+    (lambda: ShotKV(0.0), "prefill_keep_ratio"),
+    (lambda: ShotKV(keep_ratio=2.0), "keep_ratio"),
+    (lambda: ShotKV(0.5, 0.0), "decode_keep_ratio"),
+    (lambda: ShotKV(0.5, policy="best"), "policy"),
+    (lambda: ShotKV(0.5, window_size=0), "window_size"),
+    (lambda: H2O(0.5, recent_ratio=1.5), "recent_ratio"),
+    (lambda: StreamingLLM(0.5, n_sink=-1), "n_sink"),
+])
+def test_bad_method_parameters(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_shotkv_without_shots_is_an_error():
+    inp = make_inputs([10], 2, 1, shots=None)
+    with pytest.raises(ValueError, match="shots"):
+        ShotKV(0.5).begin(inp.info)
+
+
+# ------------------------------------------------------------------------------------------------
+# shots
+# ------------------------------------------------------------------------------------------------
+
+def test_validate_spans_sorts_and_accepts_touching_spans():
+    assert validate_spans([(5, 9), (0, 5)], 9) == [(0, 5), (5, 9)]
+    assert validate_spans(torch.tensor([[1, 3]]), 3) == [(1, 3)]
+
+
+@pytest.mark.parametrize("spans,n,err,match", [
+    ([(0, 5), (4, 8)], 10, ValueError, "overlap"),
+    ([(5, 12)], 10, ValueError, "out of range"),
+    ([(-1, 3)], 10, ValueError, "out of range"),
+    ([(3, 3)], 10, ValueError, "empty"),
+    ([(0, 2, 4)], 10, TypeError, "pairs"),
+    ([(0.0, 2)], 10, TypeError, "pairs"),
+    ("0-5", 10, TypeError, "shots"),
+])
+def test_validate_spans_errors(spans, n, err, match):
+    with pytest.raises(err, match=match):
+        validate_spans(spans, n)
+
+
+def test_normalize_batch_shots():
+    assert normalize_batch_shots(None, [5, 6]) is None
+    assert normalize_batch_shots([(0, 2)], [5]) == [[(0, 2)]]
+    assert normalize_batch_shots([[(0, 2)], []], [5, 6]) == [[(0, 2)], []]
+    with pytest.raises(ValueError, match="one per sequence"):
+        normalize_batch_shots([(0, 2)], [5, 6])
+    with pytest.raises(ValueError, match="one span list per sequence"):
+        normalize_batch_shots([[(0, 2)]], [5, 6])
+    with pytest.raises(ValueError, match=r"shots\[1\]"):
+        normalize_batch_shots([[(0, 2)], [(4, 9)]], [5, 6])
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A tiny fast tokenizer built offline: words, digits and punctuation, each a token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["Q", "A", ":", "?", "What", "is", "the", "number", "of", "Alice", "Bob", "Carol", "Solve", "these",
+             ".", "\n"] + [str(i) for i in range(10)]
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_find_shots_maps_regex_matches_to_token_spans(word_tokenizer):
+    text = ("Solve these.\nQ: What is the number of Alice?\nA: 42\n\nQ: What is the number of Bob?\nA: 7\n\n"
+            "Q: What is the number of Carol?\nA:")
+    spans = find_shots(text, word_tokenizer)
+    ids = word_tokenizer(text)["input_ids"]
+    assert len(spans) == 2                      # the final question has no answer: not a shot
+    toks = [word_tokenizer.convert_ids_to_tokens(ids[a:e]) for a, e in spans]
+    assert toks[0] == ["Q", ":", "What", "is", "the", "number", "of", "Alice", "?", "A", ":", "4", "2"]
+    assert toks[1] == ["Q", ":", "What", "is", "the", "number", "of", "Bob", "?", "A", ":", "7"]
+    assert validate_spans(spans, len(ids)) == spans
+    custom = find_shots(text, word_tokenizer, pattern=r"Q:[^\n]*")
+    assert len(custom) == 3 and custom[0][0] == spans[0][0]
+
+
+def test_find_shots_bad_inputs(word_tokenizer):
+    with pytest.raises(TypeError, match="text"):
+        find_shots(b"Q: x", word_tokenizer)
+    with pytest.raises(ValueError, match="pattern"):
+        find_shots("Q: x", word_tokenizer, pattern=r"x*")
+    with pytest.raises(TypeError, match="pattern"):
+        find_shots("Q: x", word_tokenizer, pattern=3)
+
+    class Slow:
+        is_fast = False
+    with pytest.raises(ValueError, match="tokenizer"):
+        find_shots("Q: x\nA: 1", Slow())

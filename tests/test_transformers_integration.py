@@ -1,0 +1,327 @@
+"""transformers integration on tiny random Llama models (CPU, reference backend): the paged path equals
+stock transformers generation, every method runs and frees the memory its keep ratio says, ShotKV keeps
+whole shots and its decoding budget, and bad uses fail clearly."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kvpress_kernels as kk
+from conftest import devices_for_triton
+from kvpress_kernels.integrations.transformers import ATTN_IMPLEMENTATION, PagedCache
+from kvpress_kernels.methods import budget_tokens
+
+# (query heads, kv heads, head dim): GQA ratios 2, 3, 1 (MHA) and 8
+CONFIGS = [(4, 2, 16), (3, 1, 8), (4, 4, 8), (8, 1, 16)]
+NEW = 6
+
+
+def tiny_llama(Hq=4, Hkv=2, D=16, layers=2, seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
+                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                      # peaked logits: greedy choices are not near-ties that fp32 rounding could flip
+                      initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def prompts(batch, seed=0):
+    """Token ids and attention mask, left padded: lengths 37 (and 29)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [37, 29][:batch]
+    N = max(lengths)
+    ids = torch.zeros(batch, N, dtype=torch.long)
+    mask = torch.zeros(batch, N, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, N - n:] = torch.randint(3, 97, (n,), generator=g)
+        mask[b, N - n:] = 1
+    return ids, mask, lengths
+
+
+SHOTS = {1: [[(1, 9), (9, 17), (17, 25), (25, 31)]], 2: [[(1, 9), (9, 17), (17, 25), (25, 31)], [(0, 6), (6, 14), (14, 22)]]}
+
+
+def stock(model, ids, mask, **kw):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **kw)
+
+
+def all_methods(ratio, shots_ok=True):
+    out = [kk.SnapKV(ratio, window_size=4, kernel_size=3), kk.PyramidKV(ratio, window_size=4, beta=2),
+           kk.ChunkKV(ratio, chunk_size=4, window_size=4), kk.StreamingLLM(ratio, n_sink=2),
+           kk.H2O(ratio), kk.TOVA(ratio), kk.KNorm(ratio)]
+    if shots_ok:
+        out.append(kk.ShotKV(ratio))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# exactness against stock transformers
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_paged_path_equals_stock_generate(cfg, batch):
+    model = tiny_llama(*cfg)
+    ids, mask, _ = prompts(batch)
+    want = stock(model, ids, mask)
+    got, stats = kk.generate(model, ids, None, attention_mask=mask, max_new_tokens=NEW, page_size=4)
+    assert torch.equal(got, want)
+    assert stats["kv_bytes_final"] == stats["kv_bytes_full"]
+    assert model.config._attn_implementation != ATTN_IMPLEMENTATION      # restored
+
+
+@pytest.mark.parametrize("method", all_methods(1.0), ids=lambda m: type(m).__name__)
+def test_keep_ratio_one_equals_stock_generate(method):
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(2)
+    want = stock(model, ids, mask)
+    got, stats = kk.generate(model, ids, method, attention_mask=mask, max_new_tokens=NEW, shots=SHOTS[2],
+                             page_size=4)
+    assert torch.equal(got, want)
+    assert stats["kv_tokens_final"] == stats["kv_tokens_full"]
+
+
+def test_sampling_equals_stock_sampling_with_the_same_seed():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(2)
+    torch.manual_seed(123)
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(123)
+    got, _ = kk.generate(model, ids, None, attention_mask=mask, max_new_tokens=NEW, do_sample=True, top_k=20,
+                         temperature=1.5)
+    assert torch.equal(got, want)
+    torch.manual_seed(123)
+    got, stats = kk.generate(model, ids, kk.SnapKV(0.5, window_size=4), attention_mask=mask, max_new_tokens=NEW,
+                             do_sample=True, top_k=20)
+    assert got.shape == want.shape and stats["kv_tokens_after_prefill"] < stats["kv_tokens_full"]
+
+
+# ------------------------------------------------------------------------------------------------
+# every method: runs, frees memory per its keep ratio
+# ------------------------------------------------------------------------------------------------
+
+def expected_prefill_lengths(method, L, lengths):
+    """Host-known kept tokens per (layer, sequence) for the methods whose budgets are exact."""
+    if isinstance(method, kk.PyramidKV):
+        return [[method.layer_budget(layer, L, n) for n in lengths] for layer in range(L)]
+    if isinstance(method, (kk.SnapKV, kk.StreamingLLM, kk.H2O, kk.TOVA, kk.KNorm)) and \
+            not isinstance(method, kk.ChunkKV):
+        return [[budget_tokens(method.keep_ratio, n) for n in lengths] for _ in range(L)]
+    return None
+
+
+# every method with one of the configs (cycled, so each config serves two methods), batch 1 and 2
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("method,cfg", [(m, CONFIGS[i % len(CONFIGS)]) for i, m in enumerate(all_methods(0.4))],
+                         ids=lambda x: type(x).__name__ if not isinstance(x, tuple) else "x".join(map(str, x)))
+def test_every_method_generates_and_frees_memory(method, cfg, batch):
+    model = tiny_llama(*cfg)
+    ids, mask, lengths = prompts(batch)
+    ps = 4
+    with kk.compress(model, method, shots=SHOTS[batch], page_size=ps) as session:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False)
+    assert out.shape == (batch, ids.shape[1] + NEW)
+    st, cache = session.stats, session.cache
+    kv = cache.kv
+    kv.check_invariants()
+    L, Hkv = 2, cfg[1]
+    after = cache.lengths_after_prefill                                  # [L, B, Hkv]
+    # bytes after prefill are exactly the pages the kept tokens need
+    assert st["kv_bytes_after_prefill"] == int((-(-after // ps)).sum()) * kv.page_bytes
+    # ... which matches the keep ratio within a page per row
+    rows = L * batch * Hkv
+    prompt_bytes = L * Hkv * sum(lengths) * 2 * kv.head_dim * kv.k_pages.element_size()
+    want = expected_prefill_lengths(method, L, lengths)
+    if want is not None:
+        assert (after == np.asarray(want)[:, :, None]).all()
+        assert abs(st["kv_bytes_after_prefill"] - method.keep_ratio * prompt_bytes) <= \
+            rows * kv.page_bytes + L * batch * Hkv * 2 * kv.head_dim * kv.k_pages.element_size()
+    else:  # whole segments: never above the budget (protected tokens aside), never empty
+        assert (after > 0).all()
+    assert st["kv_bytes_after_prefill"] < st["kv_bytes_full"]
+    # freed pages went back to the pool: in use + free = the pool
+    assert kv.pages_in_use() + kv.num_free_pages() == kv.num_pages
+    assert st["kv_bytes_final"] == kv.bytes_in_use() and st["kv_bytes_reserved"] == kv.bytes_reserved()
+    for key in ("kv_bytes_full", "kv_bytes_after_prefill", "kv_bytes_final", "kv_bytes_reserved", "prefill_s",
+                "compress_s", "decode_s", "backend"):
+        assert key in st
+    assert st["backend"] == "reference"
+
+
+def test_whole_segment_methods_respect_their_budgets():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, lengths = prompts(2)
+    m = kk.ChunkKV(0.4, chunk_size=4, window_size=4)
+    with kk.compress(model, m, page_size=4) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    after = s.cache.lengths_after_prefill
+    for b, n in enumerate(lengths):
+        protected = sum(min(c + 4, n) - c for c in range(0, n, 4) if c + 4 > n - 4)   # chunks meeting the window
+        budget = max(budget_tokens(0.4, n), protected)
+        assert (after[:, b] <= budget).all()
+        assert (after[:, b] >= budget - 4 + 1).all()       # "skip" fills the budget to within a chunk
+
+
+# ------------------------------------------------------------------------------------------------
+# ShotKV end to end
+# ------------------------------------------------------------------------------------------------
+
+class RecordingShotKV(kk.ShotKV):
+    """ShotKV that records, after every decoding step and layer, how many generated tokens each row holds."""
+
+    def begin(self, info):
+        super().begin(info)
+        self.steps = []
+
+    def decode(self, inputs):
+        ev = super().decode(inputs)
+        held = ev.new_lengths if ev is not None else inputs.lengths_host
+        self.steps.append((inputs.layer, inputs.generated, held - self._prefill_kept[inputs.layer][:, None]))
+        return ev
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shotkv_keeps_whole_shots_and_the_decoding_budget_every_step(batch):
+    model = tiny_llama(4, 2, 16)
+    ids, mask, lengths = prompts(batch)
+    m = RecordingShotKV(0.5, decode_keep_ratio=0.5, decode_recent=1)
+    new = 9
+    with kk.compress(model, m, shots=SHOTS[batch], page_size=4) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    # decoding: after every step, every layer and row holds exactly ceil(0.5 * g) generated tokens
+    assert len(m.steps) == 2 * (new - 1)
+    for layer, g, held in m.steps:
+        assert (held == math.ceil(0.5 * g)).all(), (layer, g, held)
+    kv = s.cache.kv
+    for layer in range(2):
+        _, _, lens, pos = kv.gather(layer)
+        for b, n in enumerate(lengths):
+            for h in range(2):
+                p = set(pos[b, h, :lens[b, h]].tolist())
+                prompt = {x for x in p if x < n}
+                gen = {x for x in p if x >= n}
+                assert len(gen) == math.ceil(0.5 * (new - 1))
+                assert n + new - 2 in gen                                 # the most recent is kept
+                spans = SHOTS[batch][b]
+                for a, e in spans:                                        # shots whole or gone
+                    assert prompt & set(range(a, e)) in (set(), set(range(a, e)))
+                covered = {x for a, e in spans for x in range(a, e)}
+                assert set(range(n)) - covered <= prompt                  # non-shot tokens all kept
+                assert len(prompt) <= max(budget_tokens(0.5, n), n - len(covered))
+
+
+def test_shotkv_shots_per_call_override_the_session():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, lengths = prompts(1)
+    with kk.compress(model, kk.ShotKV(0.3), shots=[(0, 1000)]) as s:   # out of range: would fail
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, shots=[(1, 20)])
+        assert s.stats["kv_tokens_after_prefill"] < s.stats["kv_tokens_full"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the Triton backend through the integration (interpreter on CPU)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
+@pytest.mark.parametrize("method", [None, kk.H2O(0.5)], ids=["baseline", "H2O"])
+def test_triton_backend_matches_reference_backend(device, method):
+    model = tiny_llama(4, 2, 16).to(device)
+    ids, mask, _ = prompts(2)
+    ids, mask = ids.to(device), mask.to(device)
+    ref, st_ref = kk.generate(model, ids, method, attention_mask=mask, max_new_tokens=3, backend="reference")
+    got, st = kk.generate(model, ids, method, attention_mask=mask, max_new_tokens=3, backend="triton")
+    assert torch.equal(got, ref)
+    assert st["backend"] == "triton"
+    assert st["kv_tokens_final"] == st_ref["kv_tokens_final"]
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs
+# ------------------------------------------------------------------------------------------------
+
+def test_unsupported_models():
+    with pytest.raises(TypeError, match="model"):
+        with kk.compress(torch.nn.Linear(3, 3), None):
+            pass
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=50))
+    with pytest.raises(ValueError, match="model"):
+        with kk.compress(gpt2, kk.SnapKV(0.5)):
+            pass
+    mistral = MistralForCausalLM(MistralConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               hidden_size=16, intermediate_size=32, vocab_size=50,
+                                               sliding_window=8))
+    with pytest.raises(ValueError, match="sliding"):
+        kk.generate(mistral, torch.ones(1, 4, dtype=torch.long), None)
+
+
+@pytest.mark.parametrize("shots,match", [([(0, 100)], "out of range"), ([(0, 10), (5, 12)], "overlap"),
+                                         ([[(0, 3)], [(0, 3)]], "one span list per sequence"),
+                                         (None, "shots must be given")])
+def test_bad_shots(shots, match):
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(1)
+    with pytest.raises(ValueError, match=match):
+        kk.generate(model, ids, kk.ShotKV(0.5), attention_mask=mask, max_new_tokens=2, shots=shots)
+    # the context was left clean
+    assert model.config._attn_implementation != ATTN_IMPLEMENTATION and "generate" not in model.__dict__
+
+
+def test_bad_method_and_arguments():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(1)
+    with pytest.raises(TypeError, match="instance"):
+        kk.generate(model, ids, kk.SnapKV, attention_mask=mask)
+    with pytest.raises(TypeError, match="method"):
+        kk.generate(model, ids, "snapkv", attention_mask=mask)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        kk.generate(model, ids, kk.SnapKV(1.5), attention_mask=mask)
+    with pytest.raises(ValueError, match="page_size"):
+        kk.generate(model, ids, None, attention_mask=mask, page_size=0)
+    with pytest.raises(ValueError, match="backend"):
+        kk.generate(model, ids, None, attention_mask=mask, backend="cudnn")
+    with pytest.raises(ValueError, match="num_beams"):
+        kk.generate(model, ids, None, attention_mask=mask, num_beams=2)
+    with kk.compress(model, None):
+        with pytest.raises(RuntimeError, match="already active"):
+            with kk.compress(model, None):
+                pass
+
+
+def test_cache_used_across_models():
+    a, b = tiny_llama(4, 2, 16, seed=0), tiny_llama(4, 2, 16, seed=1)     # same shapes, different models
+    ids, mask, _ = prompts(1)
+    cache_a = PagedCache(a, None)
+    with kk.compress(b, None):
+        with pytest.raises(ValueError, match="another model"):
+            b.generate(ids, attention_mask=mask, past_key_values=cache_a, max_new_tokens=2)
+        with pytest.raises(ValueError, match="another model"):
+            b(ids, attention_mask=mask, past_key_values=PagedCache(a, None), use_cache=True)
+    other = tiny_llama(3, 1, 8)
+    with pytest.raises(ValueError, match="across models"):
+        with kk.compress(other, None):
+            other(ids, past_key_values=PagedCache(a, None), use_cache=True)
+
+
+def test_paged_cache_without_the_paged_attention_is_an_error():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(1)
+    with pytest.raises(RuntimeError, match=ATTN_IMPLEMENTATION):
+        model.generate(ids, attention_mask=mask, past_key_values=PagedCache(model, None), max_new_tokens=2)
+
+
+def test_forward_without_cache_inside_the_context_is_plain_sdpa():
+    model = tiny_llama(4, 2, 16)
+    ids, mask, _ = prompts(2)
+    want = model(ids, attention_mask=mask, use_cache=False).logits
+    with kk.compress(model, kk.SnapKV(0.5)):
+        got = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(got, want)
