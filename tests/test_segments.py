@@ -44,8 +44,10 @@ def naive_reduce(scores, reduce, lengths=None, **seg):
             row_n.append(len(vals))
         out.append(row), abs_sum.append(row_abs), count.append(row_n)
     S = len(out[0]) if R else 0
-    return (torch.tensor(out, dtype=torch.float64).reshape(R, S), torch.tensor(abs_sum, dtype=torch.float64).reshape(R, S),
-            torch.tensor(count, dtype=torch.float64).reshape(R, S))
+    def t(v):
+        return torch.tensor(v, dtype=torch.float64).reshape(R, S)
+
+    return t(out), t(abs_sum), t(count)
 
 
 def assert_close_to_exact(got, reduce, exact, abs_sum, count, what=""):
@@ -54,7 +56,8 @@ def assert_close_to_exact(got, reduce, exact, abs_sum, count, what=""):
     got = got.double().cpu()
     assert got.shape == exact.shape
     nan_got, nan_want = torch.isnan(got), torch.isnan(exact)
-    assert torch.equal(nan_got, nan_want), f"{what}: NaN pattern differs at {(nan_got != nan_want).nonzero()[:5].tolist()}"
+    where = (nan_got != nan_want).nonzero()[:5].tolist()
+    assert torch.equal(nan_got, nan_want), f"{what}: NaN pattern differs at {where}"
     g, e = got[~nan_got], exact[~nan_want]
     if reduce == "max":
         assert torch.equal(g, e), f"{what}: max differs at {(g != e).nonzero()[:5].tolist()}"
@@ -146,8 +149,8 @@ def test_segment_reduce_triton_matches_reference(device, N, reduce):
         kw_dev = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in kw.items()}
         for lengths in (None, lens):
             want = segment_reduce(x, reduce=reduce, lengths=lengths, **kw, backend="reference")
-            got = segment_reduce(x.to(device), reduce=reduce, lengths=lengths.to(device) if lengths is not None else None,
-                                 **kw_dev, backend="triton")
+            lens_dev = lengths.to(device) if lengths is not None else None
+            got = segment_reduce(x.to(device), reduce=reduce, lengths=lens_dev, **kw_dev, backend="triton")
             exact, abs_sum, count = naive_reduce(x, reduce, lengths, **kw)
             what = f"{SEGMENTATIONS[seg]} lengths={lengths is not None}"
             assert_close_to_exact(got, reduce, exact, abs_sum, count, what)

@@ -316,7 +316,8 @@ def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
     prot = protect
     if prot is not None and prot.stride(-1) != 1 and N > 1:
         prot = prot.contiguous()
-    block = min(max(triton.next_power_of_2(max(N, K)), 16), _MAX_BLOCK)
+    # At least the 256 histogram bins per tile on real runs (tests lower _MAX_BLOCK below that).
+    block = min(max(triton.next_power_of_2(max(N, K)), 256), _MAX_BLOCK)
     _select_topk_kernel[(R,)](
         x, budgets, lengths if lengths is not None else budgets,
         prot.view(torch.int8) if prot is not None else keep.view(torch.int8),
@@ -368,7 +369,8 @@ def _select_topk_op(scores: torch.Tensor, budgets: torch.Tensor, lengths: Option
         keep = torch.empty((R, N), dtype=torch.bool, device=dev)
         kept_idx = torch.empty((R, max_budget), dtype=torch.int32, device=dev)
         lens = lengths if lengths is not None else torch.full((R,), N, dtype=torch.int32, device=dev)
-        select_topk_cuda(scores.float().contiguous(), budgets.to(torch.int32).contiguous(),
+        # The CUDA kernel reads fp32/fp16/bf16 itself: no widening copy of the scores here.
+        select_topk_cuda(scores.contiguous(), budgets.to(torch.int32).contiguous(),
                          lens.to(torch.int32).contiguous(), sink, recent,
                          protect.contiguous() if protect is not None else None, keep, kept_idx)
         return keep, kept_idx
