@@ -393,10 +393,25 @@ def _random_kept_tensor(lengths, K, idx, gen):
     return torch.tensor(rows, dtype=idx).reshape(len(rows), K)
 
 
+# (dtype, dk, dv, pad_k, index dtype): every copy width the launcher can pick (noted per line),
+# strided pools (pad_k > 0 slices a wider pool), different K and V head dims, both index widths.
+_COMPACT_CASES = [
+    (torch.bfloat16, 128, 128, 0, torch.int32),  # 16-byte chunks
+    (torch.bfloat16, 64, 64, 8, torch.int64),    # 16, strided (slot stride 72)
+    (torch.bfloat16, 4, 4, 0, torch.int32),      # 8
+    (torch.bfloat16, 3, 3, 0, torch.int64),      # 2
+    (torch.bfloat16, 96, 32, 1, torch.int32),    # 2 (slot stride 97), Dk != Dv
+    (torch.float16, 128, 128, 0, torch.int64),   # 16
+    (torch.float32, 128, 128, 0, torch.int32),   # 16
+    (torch.float32, 64, 64, 8, torch.int64),     # 16, strided
+    (torch.float32, 2, 2, 0, torch.int32),       # 8
+    (torch.float32, 3, 3, 0, torch.int32),       # 4
+    (torch.float32, 1, 1, 0, torch.int64),       # 4
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("dk,dv,pad_k", [(128, 128, 0), (64, 64, 8), (4, 4, 0), (3, 3, 0), (1, 1, 0), (96, 32, 1)])
-@pytest.mark.parametrize("idx", [torch.int32, torch.int64])
+@pytest.mark.parametrize("dtype,dk,dv,pad_k,idx", _COMPACT_CASES)
 def test_compact_cuda_matches_reference(ext, dtype, dk, dv, pad_k, idx):
     from kvpress_kernels.ops.compaction import compact_ref
 
@@ -455,10 +470,11 @@ def _random_scores(R, N, gen):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N", [1, 7, 97, 1025, 4096, 5000, 9001])
+@pytest.mark.parametrize("N,dtype", [(1, torch.float32), (7, torch.float32), (97, torch.float32),
+                                     (1025, torch.float32), (9001, torch.float32),  # 9001: three tiles
+                                     (5000, torch.bfloat16), (4096, torch.float16)])
 @pytest.mark.parametrize("smem_cache", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_select_topk_cuda_matches_reference(ext, N, smem_cache, dtype):
+def test_select_topk_cuda_matches_reference(ext, N, dtype, smem_cache):
     from kvpress_kernels.ops.selection import select_topk_ref
 
     gen = torch.Generator().manual_seed(N)
