@@ -131,7 +131,7 @@ def main(argv=None):
     from kvpress_kernels.cache import PagedKVCache
 
     cycles = args.soak if dev.type == "cuda" else 10
-    cache = PagedKVCache(2, 2, 4, 64, max_tokens=2 * 2 * 4 * 1200, page_size=16, dtype=dtype, device=dev)
+    cache = PagedKVCache(2, 2, 4, 64, max_tokens=1200, page_size=16, dtype=dtype, device=dev)
     mem0 = pages0 = None
     t0 = time.perf_counter()
     for i in range(cycles):

@@ -70,19 +70,20 @@ if triton is not None:
                        stride_table_row, stride_table_col, stride_kn_row, stride_kn_t, stride_vn_row, stride_vn_t,
                        stride_pn_row, T, D, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
                        HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr):
-        # One program per (row, new token); lengths are updated by a second tiny launch so that no
-        # program reads a length another program has already advanced.
+        # Programs of axis 1 stride over the row's new tokens (CUDA caps grid axis 1 at 65,535, and a
+        # long prefill appends more tokens than that). Lengths are advanced by a second tiny launch so
+        # that no program reads a length another program has already advanced.
         row = tl.program_id(0).to(tl.int64)
-        t = tl.program_id(1)
         if HAS_COUNTS:
             n = tl.load(counts + row)
         else:
             n = T
-        if t < n:
-            slot = tl.load(lengths + row).to(tl.int64) + t
+        base = tl.load(lengths + row).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        for t in range(tl.program_id(1), n, tl.num_programs(1)):
+            slot = base + t
             page = tl.load(table + row * stride_table_row + (slot // PAGE_SIZE) * stride_table_col).to(tl.int64)
             off = slot % PAGE_SIZE
-            d = tl.arange(0, BLOCK_D)
             for d0 in range(0, D, BLOCK_D):
                 m = d0 + d < D
                 kv = tl.load(k_new + row * stride_kn_row + t * stride_kn_t + d0 + d, mask=m)
@@ -105,6 +106,9 @@ if triton is not None:
         tl.store(lengths + r, cur + inc, mask=m)
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
+
+
 def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, pos_pages, pos_new) -> None:
     rows = lengths.numel()
     T, D = k_new.shape[-2], k_new.shape[-1]
@@ -120,7 +124,7 @@ def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, 
     pn = pos_new.reshape(rows, T).to(pos_pages.dtype) if pos_pages is not None else lens
     pp = pos_pages if pos_pages is not None else lens
     block_d = min(triton.next_power_of_2(D), 256)
-    _append_kernel[(rows, T)](
+    _append_kernel[(rows, min(T, _MAX_GRID_Y))](
         kp, vp, pp, table, lens, cnt, kn, vn, pn,
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         table.stride(0), table.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
