@@ -512,7 +512,7 @@ def test_presses_with_triton_backend(models):
     makers = [
         lambda b: kk.SnapKVPress(0.5, window_size=6, backend=b),
         lambda b: kk.ObservedAttentionPress(0.5, backend=b),
-        lambda b: kk.ChunkKVPress(kk.SnapKVPress(0.5, window_size=6, backend=b), chunk_length=8, backend=b),
+        lambda b: kk.ChunkKVPress(kk.KnormPress(0.5, backend=b), chunk_length=8, backend=b),
         lambda b: kk.ShotKVPress(0.5, window_size=6, shots=[(2, 9), (9, 17), (20, 28)], backend=b),
     ]
     for make in makers:
