@@ -4,7 +4,7 @@ Pure-Python install (Triton + PyTorch reference ops) always works. When `nvcc` i
 ``KVPRESS_KERNELS_SKIP_CUDA`` is not set, the optional torch-free CUDA extension
 ``kvpress_kernels._C`` is built through CMake (see CMakeLists.txt). Honoured variables:
 ``TORCH_CUDA_ARCH_LIST`` / ``KVPRESS_KERNELS_CUDA_ARCHS`` (e.g. "80;90"), ``MAX_JOBS``, ``DEBUG=1``
-(``-G -lineinfo``). This file never imports torch.
+(device debug info, ``-G``). This file never imports torch.
 """
 
 import os
