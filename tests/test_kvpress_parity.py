@@ -493,7 +493,8 @@ def test_shotkv_pattern_equals_spans_and_protects_window(models, tokenizer):
 
 def test_shotkv_protected_tokens_over_budget_keeps_them(models):
     model = models["gqa2"][0]
-    cache, full = run_press(model, kk.ShotKVPress(0.9, window_size=8, shots=[(20, 30)]), _ids(1))
+    # (shots may also be an int tensor [S, 2])
+    cache, full = run_press(model, kk.ShotKVPress(0.9, window_size=8, shots=torch.tensor([[20, 30]])), _ids(1))
     for layer in range(3):
         pos = kept_positions(cache.layers[layer].keys, full[layer][0])[0, 0].tolist()
         assert pos == [j for j in range(N_CTX) if not 20 <= j < 30]

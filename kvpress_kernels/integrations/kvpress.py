@@ -40,6 +40,7 @@ kvpress is an optional dependency: ``pip install kvpress-kernels[kvpress]``.
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ from .._backend import BACKENDS
 from ..ops.scoring import attention_mass, token_norm
 from ..ops.segments import segment_reduce, segments_to_token_mask
 from ..ops.selection import select_segments, select_topk
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "SnapKVPress",
@@ -633,7 +636,7 @@ class ShotKVPress(_PrefillAware, BasePress):
         if st is not None and "spans" in st:
             return st["spans"]
         if self.shots is not None:
-            shots = self.shots
+            shots = self.shots.tolist() if hasattr(self.shots, "tolist") else self.shots
             flat = len(shots) == 0 or _shots._is_span(shots[0])
             if flat and B > 1:
                 shots = [shots] * B  # kvpress batches are unpadded: shared spans index every sequence
@@ -643,6 +646,9 @@ class ShotKVPress(_PrefillAware, BasePress):
             if ids is None:
                 raise ValueError("shot_pattern needs the prefill's input_ids (not inputs_embeds) to find the shots")
             spans = [self._find_spans(ids[b, :n_ctx]) for b in range(B)]
+            if not any(spans):
+                logger.warning("ShotKVPress: shot_pattern %r matched no shot in the context; nothing is "
+                               "compressed (every token is protected)", self.shot_pattern)
         if st is not None:
             st["spans"] = spans
         return spans
