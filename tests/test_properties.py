@@ -1,0 +1,325 @@
+"""Property tests of the paged KV cache's whole life cycle (DESIGN.md §4), for every backend here.
+
+Hypothesis drives random interleavings, across several layers and sequences, of
+
+- **append**: ragged new tokens per (sequence, kv head) through ``PagedKVCache.append``;
+- **compress**: score (``attention_mass_paged`` with one query per sequence) -> select
+  (``select_topk`` with per-row budgets, sinks, recent windows, ties) -> compact
+  (``PagedKVCache.compact``), the compression step of every token-level method;
+- **decode**: ``paged_decode_attention`` with probabilities over each row's own length, before or
+  after appending the step's new token;
+- **free**: ``PagedKVCache.free_sequence``.
+
+The oracle is a plain Python model of the cache: per (layer, sequence, head) row, the list of its
+tokens ``(position, k, v)`` in slot order, compacted the naive way (holes filled from the tail,
+exactly the contract of the compaction op). After every step:
+
+- ``check_invariants()`` holds, and an independent recount from ``owned_pages`` agrees: every page
+  is owned by exactly one row or free, never both, none leaked; each row owns exactly
+  ``ceil(length / page_size)`` pages (no reserve is ever made here, so nothing is over-allocated);
+- every row's tokens equal the model's **bit for bit** (K, V compared as integers) with their
+  original positions, and the host and device lengths equal the model's;
+- selection kept exactly what a naive sort-based oracle keeps (protected tokens first, then score
+  descending, ties to the lower slot, NaN lowest) - so no selected token is ever lost;
+- scores and decode outputs/probabilities equal a float64 dense attention over the model's contents.
+
+Fixed pools (``grow=False``) must raise ``CacheFullError`` exactly when the model says the free pages
+do not suffice - which is only true if freed pages really are reusable - and leave everything
+unchanged when they do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import devices_for_triton
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpress_kernels.cache import CacheFullError, PagedKVCache
+from kvpress_kernels.ops import attention_mass_paged, paged_decode_attention, select_topk
+
+NAN = float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# The model
+# ------------------------------------------------------------------------------------------------
+
+class CacheModel:
+    """Plain Python model: ``rows[(layer, seq, head)]`` is the list of ``(position, k, v)`` in slot
+    order; ``seen`` counts every token ever appended to a row (the next default position)."""
+
+    def __init__(self, L, B, H, page_size, num_pages, grow):
+        self.L, self.B, self.H, self.P = L, B, H, page_size
+        self.rows = {(l, b, h): [] for l in range(L) for b in range(B) for h in range(H)}
+        self.seen = {r: 0 for r in self.rows}
+        self.num_pages, self.grow = num_pages, grow
+
+    def pages(self, n: int) -> int:
+        return -(-n // self.P)
+
+    def pages_in_use(self) -> int:
+        return sum(self.pages(len(t)) for t in self.rows.values())
+
+    def append_fails(self, layer, counts) -> bool:
+        """Whether a fixed pool lacks the pages for ``counts[b][h]`` more tokens in ``layer`` (and,
+        for a growing pool, track its new size: it doubles, or grows by the deficit if more)."""
+        need = sum(self.pages(len(self.rows[(layer, b, h)]) + int(counts[b][h])) - self.pages(len(self.rows[(layer, b, h)]))
+                   for b in range(self.B) for h in range(self.H))
+        free = self.num_pages - self.pages_in_use()
+        if need > free:
+            if not self.grow:
+                return True
+            self.num_pages = max(2 * self.num_pages, self.num_pages + need - free)
+        return False
+
+    def append(self, layer, k, v, counts):
+        for b in range(self.B):
+            for h in range(self.H):
+                r = (layer, b, h)
+                for t in range(int(counts[b][h])):
+                    self.rows[r].append((self.seen[r] + t, k[b, h, t].clone(), v[b, h, t].clone()))
+                self.seen[r] += int(counts[b][h])
+
+    def compact(self, layer, kept):
+        """``kept[(b, h)]``: ascending kept slots. The i-th kept slot at or beyond the new length
+        moves into the i-th hole below it."""
+        for (b, h), slots in kept.items():
+            r = (layer, b, h)
+            n = len(slots)
+            keep = set(slots)
+            holes = [s for s in range(n) if s not in keep]
+            sources = [s for s in slots if s >= n]
+            new = self.rows[r][:n]
+            for hole, src in zip(holes, sources):
+                new[hole] = self.rows[r][src]
+            self.rows[r] = new
+
+    def free(self, seq):
+        for r in self.rows:
+            if r[1] == seq:
+                self.rows[r], self.seen[r] = [], 0
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_matches(cache: PagedKVCache, model: CacheModel):
+    cache.check_invariants()
+    # independent page accounting from the public host view
+    owned = []
+    for (l, b, h), toks in model.rows.items():
+        pages = cache.owned_pages(l, b, h)
+        assert len(pages) == model.pages(len(toks)), f"row {(l, b, h)} owns {len(pages)} pages for {len(toks)} tokens"
+        assert cache.page_table[l, b, h, :len(pages)].tolist() == pages
+        owned += pages
+    assert len(set(owned)) == len(owned), "a page is owned twice"
+    assert all(0 <= p < cache.num_pages for p in owned)
+    assert cache.pages_in_use() == len(owned) == model.pages_in_use()
+    assert cache.num_free_pages() == cache.num_pages - len(owned), "pages leaked"
+    assert cache.num_pages == model.num_pages
+    lens = np.array([[[len(model.rows[(l, b, h)]) for h in range(model.H)] for b in range(model.B)]
+                     for l in range(model.L)])
+    assert np.array_equal(cache.seq_lengths(), lens)
+    assert np.array_equal(cache.lengths.cpu().numpy(), lens)
+    assert np.array_equal(cache.seen_tokens(), np.array(
+        [[[model.seen[(l, b, h)] for h in range(model.H)] for b in range(model.B)] for l in range(model.L)]))
+    for l in range(model.L):
+        k, v, _, pos = cache.gather(l)
+        pos = pos.cpu()
+        for b in range(model.B):
+            for h in range(model.H):
+                toks = model.rows[(l, b, h)]
+                n = len(toks)
+                if n == 0:
+                    continue
+                assert pos[b, h, :n].tolist() == [t[0] for t in toks], f"positions of row {(l, b, h)}"
+                assert torch.equal(bits(k[b, h, :n].cpu()), bits(torch.stack([t[1] for t in toks]))), f"K of {(l, b, h)}"
+                assert torch.equal(bits(v[b, h, :n].cpu()), bits(torch.stack([t[2] for t in toks]))), f"V of {(l, b, h)}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracles
+# ------------------------------------------------------------------------------------------------
+
+def naive_keep(scores: list, L: int, budget: int, sink: int, recent: int) -> list:
+    """Slots a row keeps: the protected ones (``j < sink`` or ``j >= L - recent``), then the best
+    others by (score descending, NaN lowest, slot ascending) until ``budget``."""
+    prot = [j for j in range(L) if j < sink or j >= L - recent]
+    others = [j for j in range(L) if j not in set(prot)]
+    others.sort(key=lambda j: (0, -scores[j], j) if scores[j] == scores[j] else (1, 0.0, j))
+    return sorted(prot + others[:budget - len(prot)])
+
+
+def dense_decode(model: CacheModel, layer: int, q: torch.Tensor, scale: float):
+    """float64 attention of ``q [B, Hq, 1, D]`` over each row's tokens in slot order: ``out`` and the
+    group-summed probabilities ``[B, Hkv, Lmax]``; a row without tokens gives zeros."""
+    B, Hq, _, D = q.shape
+    H = model.H
+    G = Hq // H
+    out = torch.zeros(B, Hq, 1, D, dtype=torch.float64)
+    probs = {}
+    for b in range(B):
+        for h in range(H):
+            toks = model.rows[(layer, b, h)]
+            acc = torch.zeros(len(toks), dtype=torch.float64)
+            if toks:
+                K = torch.stack([t[1] for t in toks]).double()
+                V = torch.stack([t[2] for t in toks]).double()
+                for g in range(G):
+                    p = torch.softmax(q[b, h * G + g, 0].double() @ K.T * scale, dim=0)
+                    out[b, h * G + g, 0] = p @ V
+                    acc += p
+            probs[(b, h)] = acc
+    return out, probs
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+def run_interleaving(data, backend: str, max_steps: int, device: str = "cpu"):
+    """One random life of a cache: geometry, dtype and pool drawn, then up to ``max_steps`` steps, each
+    checked against the model (about 8 steps per example on average)."""
+    L = data.draw(st.integers(1, 3), label="layers")
+    B = data.draw(st.integers(1, 3), label="batch")
+    H = data.draw(st.integers(1, 2), label="kv_heads")
+    G = data.draw(st.sampled_from([1, 2, 3]), label="group")
+    D = data.draw(st.sampled_from([4, 8]), label="head_dim")
+    P = data.draw(st.sampled_from([1, 2, 3, 5]), label="page_size")
+    dtype = data.draw(st.sampled_from([torch.float32, torch.float16]), label="dtype")
+    grow = data.draw(st.booleans(), label="grow")
+    rows = L * B * H
+    num_pages = rows * data.draw(st.integers(1, 4), label="pages_per_row")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    cache = PagedKVCache(L, B, H, D, num_pages=num_pages, max_tokens=8, page_size=P, dtype=dtype,
+                         device=device, backend=backend, grow=grow)
+
+    def rand(shape):  # drawn on the CPU (the model's copy), then moved
+        return torch.randn(shape, generator=gen).to(dtype)
+
+    model = CacheModel(L, B, H, P, num_pages, grow)
+    scale = D ** -0.5
+    Hq = H * G
+    # fp16 decode output is rounded to fp16 (relative 2^-11 of |out| <= max|v| ~ 5); fp32 differs from
+    # float64 by accumulation order only
+    atol = 1e-2 if dtype == torch.float16 else 1e-5
+
+    def do_append(layer, counts, T):
+        k = rand((B, H, T, D))
+        v = rand((B, H, T, D))
+        if model.append_fails(layer, counts):
+            before = (cache.k_pages.clone(), cache.page_table.clone(), cache.lengths.clone(), cache.num_free_pages())
+            with pytest.raises(CacheFullError, match="num_pages"):
+                cache.append(layer, k.to(device), v.to(device), counts=counts)
+            assert torch.equal(bits(before[0]), bits(cache.k_pages)) and torch.equal(before[1], cache.page_table)
+            assert torch.equal(before[2], cache.lengths) and before[3] == cache.num_free_pages()
+            return
+        cache.append(layer, k.to(device), v.to(device), counts=counts)
+        model.append(layer, k, v, counts)
+
+    for _ in range(data.draw(st.integers(1, max_steps), label="steps")):
+        op = data.draw(st.sampled_from(["append", "append", "compress", "decode", "free"]), label="op")
+        layer = data.draw(st.integers(0, L - 1), label="layer")
+        if op == "append":
+            T = data.draw(st.integers(0, 7), label="T")
+            ragged = data.draw(st.booleans(), label="ragged")
+            counts = (np.array(data.draw(st.lists(st.lists(st.integers(0, T), min_size=H, max_size=H),
+                                                  min_size=B, max_size=B), label="counts")) if ragged
+                      else np.full((B, H), T))
+            do_append(layer, counts, T)
+        elif op == "free":
+            seq = data.draw(st.integers(0, B - 1), label="seq")
+            cache.free_sequence(seq)
+            model.free(seq)
+        elif op == "decode":
+            append_first = data.draw(st.booleans(), label="append_first")
+            q = rand((B, Hq, 1, D))
+            if append_first:
+                do_append(layer, np.ones((B, H), dtype=np.int64), 1)
+            table, lengths = cache.layer_view(layer)
+            out, probs = paged_decode_attention(q.to(device), cache.k_pages, cache.v_pages, table, lengths,
+                                                scale=scale, return_probs=True, backend=backend)
+            out, probs = out.cpu(), probs.cpu()
+            want_out, want_probs = dense_decode(model, layer, q, scale)
+            torch.testing.assert_close(out.double(), want_out, atol=atol, rtol=0)
+            for (b, h), p in want_probs.items():
+                n = len(p)
+                torch.testing.assert_close(probs[b, h, :n].double(), p, atol=1e-5 * G, rtol=0)
+                assert not probs[b, h, n:].any(), "probabilities beyond a row's length"
+            if not append_first:
+                do_append(layer, np.ones((B, H), dtype=np.int64), 1)
+        else:  # compress
+            lens_h = cache.seq_lengths(layer)
+            table, lengths = cache.layer_view(layer)
+            M = int(lens_h.max())
+            scores = torch.zeros(B, H, M, dtype=torch.float32)
+            live = [b for b in range(B) if lens_h[b].min() >= 1]
+            if live and M > 0:
+                sel = torch.tensor(live, device=device)
+                q = rand((len(live), Hq, 1, D))
+                s = attention_mass_paged(q.to(device), cache.k_pages, table[sel], lengths[sel], max_len=M,
+                                         scale=scale, head_reduce="group_sum", backend=backend).cpu()
+                # oracle: the query is the row's last token, so it sees every slot
+                for i, b in enumerate(live):
+                    for h in range(H):
+                        toks = model.rows[(layer, b, h)]
+                        K = torch.stack([t[1] for t in toks]).double()
+                        want = sum(torch.softmax(q[i, h * G + g, 0].double() @ K.T * scale, dim=0) for g in range(G))
+                        torch.testing.assert_close(s[i, h, :len(toks)].double(), want, atol=1e-5 * G, rtol=0)
+                scores[torch.tensor(live)] = s
+            mode = data.draw(st.sampled_from(["raw", "ties", "nan"]), label="score_mode")
+            if mode == "ties":   # a few distinct values: ties decided by slot
+                scores = (scores * 2).round() / 2
+            elif mode == "nan":  # NaN ranks below every number
+                scores = torch.where(torch.rand(scores.shape, generator=gen) < 0.3, NAN, scores)
+            sink = data.draw(st.integers(0, 2), label="sink")
+            recent = data.draw(st.integers(0, 2), label="recent")
+            budgets = []
+            for b in range(B):
+                for h in range(H):
+                    n = int(lens_h[b, h])
+                    prot = sum(1 for j in range(n) if j < sink or j >= n - recent)
+                    budgets.append(data.draw(st.integers(prot, n), label="budget"))
+            R = B * H
+            keep, kept = select_topk(scores.view(R, M).to(device),
+                                     torch.tensor(budgets, dtype=torch.int64, device=device),
+                                     lengths=lengths.reshape(R), sink=sink, recent=recent,
+                                     max_budget=max(budgets), backend=backend)
+            keep, kept = keep.cpu(), kept.cpu()
+            want = {}
+            for b in range(B):
+                for h in range(H):
+                    r = b * H + h
+                    n = int(lens_h[b, h])
+                    want[(b, h)] = naive_keep(scores[b, h].tolist(), n, budgets[r], sink, recent)
+                    got = [j for j in kept[r].tolist() if j >= 0]
+                    assert got == want[(b, h)], f"row {(b, h)} kept {got}, oracle {want[(b, h)]}"
+                    assert keep[r].nonzero().flatten().tolist() == got
+            cache.compact(layer, kept.view(B, H, -1).to(device), new_lengths=np.array(budgets).reshape(B, H))
+            model.compact(layer, want)
+        assert_matches(cache, model)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_interleavings_reference(data):
+    run_interleaving(data, "reference", max_steps=14)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
+def test_interleavings_triton(device):
+    @settings(max_examples=50, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.data())
+    def run(data):
+        run_interleaving(data, "triton", max_steps=10, device=device)
+
+    run()
