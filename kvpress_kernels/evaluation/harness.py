@@ -1,0 +1,442 @@
+"""The quality harness: compression methods x keep ratios on SmolLM2-135M, on CPU, in two settings.
+
+Settings (reported apart):
+
+- ``query_aware``: the prompt is context + question and is compressed as a whole at prefill (the
+  question is in the observation window), as in the ShotKV study's few-shot prompts.
+- ``query_agnostic``: the context alone is prefilled and compressed; then the question is fed through
+  the compressed cache (as one multi-token step) and the answer generated — what kvpress's pipeline
+  does when the question arrives later. For methods that also compress while decoding (ShotKV's
+  decoding phase, H2O) the question's tokens then count as generated tokens.
+
+Every run goes through the transformers integration (:func:`kvpress_kernels.compress`); the baseline
+is the same paged path with ``method=None`` (the full cache), so that differences come from eviction
+alone. Decoding is greedy, one token per forward call, stopping at the end of the answer line.
+
+Metrics per (task, setting, method, keep ratio), each with its standard error over examples:
+
+- ``accuracy``: the task's score (:func:`kvpress_kernels.evaluation.tasks.score`);
+- ``agreement``: the answer line equals the full cache's;
+- ``kl``: next-token KL divergence ``KL(p_full || p_method)`` (nats) at the first answer token whose
+  distribution the compression can change, with the same prefix in both runs — the first answer token
+  in ``query_agnostic``, the second in ``query_aware`` (the first comes from the prefill pass, which
+  attends to the whole prompt before the cache is compressed);
+- ``delta_vs_full``: paired accuracy difference to the full cache (method - full), mean and paired SE;
+- ``kv_kept``: KV bytes after prefill / bytes of the full cache (page granularity).
+
+Paired comparisons between methods at the same keep ratio (same examples) are in ``pairs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .tasks import TASK_NAMES, Example, answer_line, generate_task, score
+
+SETTINGS = ("query_aware", "query_agnostic")
+
+
+@dataclass
+class EvalConfig:
+    tasks: List[str] = field(default_factory=lambda: list(TASK_NAMES))
+    methods: List[str] = field(default_factory=lambda: ["shotkv", "snapkv", "streamingllm", "h2o", "chunkkv",
+                                                        "pyramidkv"])
+    keep_ratios: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
+    settings: List[str] = field(default_factory=lambda: list(SETTINGS))
+    n_examples: int = 20
+    n_shots: Optional[int] = None
+    seed: int = 0
+    backend: Optional[str] = None
+    quick: bool = False
+
+    @classmethod
+    def defaults(cls, quick: bool = False) -> "EvalConfig":
+        if quick:
+            return cls(tasks=["lookup", "passkey"], methods=["shotkv", "snapkv"], keep_ratios=[0.3],
+                       n_examples=3, n_shots=12, quick=True)
+        return cls()
+
+
+def build_method(name: str, keep_ratio: float):
+    """A method instance by CLI name (``keep_ratio`` = fraction KEPT); ``full`` -> ``None``."""
+    from .. import methods as M
+
+    builders = {
+        "full": lambda r: None,
+        "shotkv": lambda r: M.ShotKV(prefill_keep_ratio=r),
+        "snapkv": lambda r: M.SnapKV(keep_ratio=r),
+        "pyramidkv": lambda r: M.PyramidKV(keep_ratio=r),
+        "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
+        "streamingllm": lambda r: M.StreamingLLM(keep_ratio=r),
+        "h2o": lambda r: M.H2O(keep_ratio=r),
+    }
+    if name not in builders:
+        raise ValueError(f"method must be one of {sorted(builders)}, got {name!r}")
+    return builders[name](keep_ratio)
+
+
+# --------------------------------------------------------------------------- one run
+@dataclass
+class Prepared:
+    example: Example
+    ctx_ids: "object"          # torch.LongTensor [1, Nc] (BOS + context)
+    q_ids: "object"            # torch.LongTensor [1, Nq] (question, no BOS)
+    shots: List[Tuple[int, int]]  # token spans of the shots inside ctx_ids (also valid for ctx + question)
+
+
+def prepare(example: Example, tok) -> Prepared:
+    import torch
+
+    enc = tok(example.context, return_offsets_mapping=True, return_special_tokens_mask=True)
+    ids, offs, special = enc["input_ids"], enc["offset_mapping"], enc["special_tokens_mask"]
+    spans = []
+    for s, e in example.shot_spans:
+        toks = [t for t, ((a, _b), sp) in enumerate(zip(offs, special)) if not sp and s <= a < e]
+        if toks:
+            spans.append((toks[0], toks[-1] + 1))
+    q = tok(example.question, add_special_tokens=False)["input_ids"]
+    return Prepared(example, torch.tensor([ids]), torch.tensor([q]), spans)
+
+
+@dataclass
+class RunOutput:
+    texts: List[str]           # generated text of each turn (one turn except for multi_answer)
+    n_new: int
+    logprobs: "object"         # torch.FloatTensor [vocab]: log-softmax at the first affected step
+    stats: Dict[str, object]
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.texts[0]
+
+    def lines(self) -> List[str]:
+        return [answer_line(t) for t in self.texts]
+
+
+def _stop(tok, new_ids: List[int], eos: set) -> bool:
+    if new_ids and new_ids[-1] in eos:
+        return True
+    text = tok.decode(new_ids, skip_special_tokens=True)
+    return "\n" in text.lstrip()
+
+
+def _turn(model, tok, cache, logits, max_new: int, eos: set, min_steps: int):
+    """Greedy answer line from ``logits`` on; returns (new ids, ids fed to the model, step logits).
+    The stop token (the one holding the newline) is not fed unless ``min_steps`` needs its logits."""
+    import torch
+
+    step_logits = [logits]
+    new: List[int] = []
+    while True:
+        nxt = int(logits.argmax())
+        new.append(nxt)
+        done = len(new) >= max_new or _stop(tok, new, eos)
+        if done and len(step_logits) >= min_steps:
+            break
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+        logits = out.logits[0, -1].float()
+        step_logits.append(logits)
+        if done:
+            break
+    return new, new[:len(step_logits) - 1], step_logits
+
+
+def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optional[str] = None) -> RunOutput:
+    """Generate the answer(s) of one prepared example under ``method`` (``None`` = full cache)."""
+    import torch
+
+    from ..integrations.transformers import compress
+
+    ex = prep.example
+    eos = {i for i in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
+    min_steps = 2 if setting == "query_aware" else 1      # the step whose logits the KL compares
+    extra = sum(len(tok(q)["input_ids"]) + 2 + ex.max_new_tokens for q, _ in ex.turns)
+    t0 = time.perf_counter()
+    with torch.no_grad(), compress(model, method, shots=[prep.shots], backend=backend) as session:
+        cache = session.new_cache(max_new_tokens=ex.max_new_tokens + prep.q_ids.shape[1] + extra)
+        if setting == "query_aware":
+            out = model(input_ids=torch.cat([prep.ctx_ids, prep.q_ids], 1), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+        else:
+            model(input_ids=prep.ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=prep.q_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        new, fed, step_logits = _turn(model, tok, cache, out.logits[0, -1].float(), ex.max_new_tokens, eos, min_steps)
+        lp = torch.log_softmax(step_logits[min_steps - 1], -1)
+        texts, n_new = [tok.decode(new, skip_special_tokens=True)], len(new)
+        for question, _ in ex.turns:
+            # a blank line between the answer and the next question, whatever part of it was fed
+            fed_text = tok.decode(fed, skip_special_tokens=True)
+            sep = "\n" * max(0, 2 - (len(fed_text) - len(fed_text.rstrip("\n"))))
+            ids = torch.tensor([tok(sep + question, add_special_tokens=False)["input_ids"]])
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            new, fed, _ = _turn(model, tok, cache, out.logits[0, -1].float(), ex.max_new_tokens, eos, 1)
+            texts.append(tok.decode(new, skip_special_tokens=True))
+            n_new += len(new)
+        cache.finish()
+        stats = cache.stats()
+    return RunOutput(texts, n_new, lp, stats, time.perf_counter() - t0)
+
+
+def kl_divergence(lp_ref, lp) -> float:
+    """``KL(p_ref || p)`` in nats from two log-probability vectors."""
+    import torch
+    return float(torch.sum(lp_ref.exp() * (lp_ref - lp)).clamp_min(0.0))
+
+
+# --------------------------------------------------------------------------- the sweep
+@dataclass
+class EvalResult:
+    config: EvalConfig
+    meta: Dict[str, object]
+    records: List[Dict[str, object]]      # one per (task, example, setting, method, ratio); method "full" too
+    summary: List[Dict[str, object]]      # one per (task, setting, method, ratio)
+    pairs: List[Dict[str, object]]        # paired method-vs-method comparisons
+    depth: List[Dict[str, object]]        # accuracy per depth bin (tasks with an answer-bearing shot)
+
+
+def _mean_se(xs: Sequence[float]) -> Tuple[float, float]:
+    n = len(xs)
+    if n == 0:
+        return math.nan, math.nan
+    m = sum(xs) / n
+    if n < 2:
+        return m, math.nan
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) -> EvalResult:
+    """Run the sweep of ``cfg``; loads SmolLM2 unless ``model``/``tok`` are given."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .model import load_smollm2, model_name
+
+    for name in cfg.methods:
+        build_method(name, 0.5)                     # fail fast on an unknown name
+    for r in cfg.keep_ratios:
+        if not (0.0 < r <= 1.0):
+            raise ValueError(f"keep ratio must be in (0, 1], got {r}")
+    for s in cfg.settings:
+        if s not in SETTINGS:
+            raise ValueError(f"setting must be one of {SETTINGS}, got {s!r}")
+    t_start = time.perf_counter()
+    if model is None:
+        model, tok = load_smollm2()
+    torch.set_grad_enabled(False)
+    examples = {t: generate_task(t, cfg.n_examples, seed=cfg.seed, n_shots=cfg.n_shots) for t in cfg.tasks}
+    prepared = {t: [prepare(ex, tok) for ex in exs] for t, exs in examples.items()}
+    variants = [(m, r) for m in cfg.methods for r in cfg.keep_ratios]
+    total = sum(len(v) for v in prepared.values()) * len(cfg.settings) * (1 + len(variants))
+    records: List[Dict[str, object]] = []
+    bar = tqdm(total=total, desc="eval", unit="run", disable=not progress)
+    for task, preps in prepared.items():
+        for prep in preps:
+            ex = prep.example
+            for setting in cfg.settings:
+                bar.set_postfix_str(f"{task} {setting}")
+                full = run_once(model, tok, prep, None, setting, backend=cfg.backend)
+                bar.update(1)
+                full_lines = full.lines()
+                base = {"task": task, "example": ex.index, "setting": setting, "depth": ex.depth,
+                        "answer_shot": ex.answer_shot, "gold": ex.answer,
+                        "prompt_tokens": int(prep.ctx_ids.shape[1] + prep.q_ids.shape[1]),
+                        "n_shots": len(prep.shots)}
+                records.append({**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
+                                "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
+                                "kv_kept": 1.0, "seconds": full.seconds})
+                for name, ratio in variants:
+                    out = run_once(model, tok, prep, build_method(name, ratio), setting, backend=cfg.backend)
+                    bar.update(1)
+                    st = out.stats
+                    kept = (st.get("kv_bytes_after_prefill") or math.nan) / (st.get("kv_bytes_full") or math.nan)
+                    lines = out.lines()
+                    records.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
+                                    "score": score(ex, out.texts if ex.turns else out.text),
+                                    "agree": float(lines == full_lines),
+                                    "kl": kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept,
+                                    "seconds": out.seconds})
+    bar.close()
+    meta = {"model": model_name(), "torch": torch.__version__, "device": "cpu",
+            "wall_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        from .._backend import info
+        meta["backend"] = cfg.backend or "by device (reference on CPU)"
+        meta["torch_info"] = info().get("torch")
+    except Exception:
+        pass
+    return EvalResult(cfg, meta, records, summarize(records), paired(records, cfg), by_depth(records))
+
+
+def summarize(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    groups: Dict[tuple, List[Dict[str, object]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["setting"], r["method"], r["keep_ratio"]), []).append(r)
+    full = {(r["task"], r["setting"], r["example"]): r["score"] for r in records if r["method"] == "full"}
+    out = []
+    for (task, setting, method, ratio), rs in groups.items():
+        acc, acc_se = _mean_se([r["score"] for r in rs])
+        agr, agr_se = _mean_se([r["agree"] for r in rs])
+        kl, kl_se = _mean_se([r["kl"] for r in rs])
+        d, d_se = _mean_se([r["score"] - full[(task, setting, r["example"])] for r in rs])
+        kept, _ = _mean_se([r["kv_kept"] for r in rs])
+        out.append({"task": task, "setting": setting, "method": method, "keep_ratio": ratio, "n": len(rs),
+                    "accuracy": acc, "accuracy_se": acc_se, "agreement": agr, "agreement_se": agr_se,
+                    "kl": kl, "kl_se": kl_se, "delta_vs_full": d, "delta_vs_full_se": d_se, "kv_kept": kept})
+    order = {m: i for i, m in enumerate(["full", "shotkv", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o"])}
+    out.sort(key=lambda r: (r["task"], r["setting"], r["keep_ratio"] if r["method"] != "full" else -1,
+                            order.get(r["method"], 99)))
+    return out
+
+
+def paired(records: List[Dict[str, object]], cfg: EvalConfig) -> List[Dict[str, object]]:
+    """ShotKV (or the first method) against every other method, same examples and keep ratio:
+    mean score difference, its paired standard error, wins / losses; per (task, setting) and pooled."""
+    if not cfg.methods:
+        return []
+    anchor = "shotkv" if "shotkv" in cfg.methods else cfg.methods[0]
+    idx = {(r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]): r["score"] for r in records}
+    out = []
+    for other in [m for m in cfg.methods if m != anchor]:
+        for ratio in cfg.keep_ratios:
+            pooled: List[float] = []
+            for task in cfg.tasks:
+                for setting in cfg.settings:
+                    diffs = [idx[(task, setting, e, anchor, ratio)] - idx[(task, setting, e, other, ratio)]
+                             for e in range(cfg.n_examples)
+                             if (task, setting, e, anchor, ratio) in idx and (task, setting, e, other, ratio) in idx]
+                    pooled += diffs
+                    m, se = _mean_se(diffs)
+                    out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": task, "setting": setting,
+                                "n": len(diffs), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in diffs),
+                                "losses": sum(d < 0 for d in diffs)})
+            m, se = _mean_se(pooled)
+            out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": "all", "setting": "all",
+                        "n": len(pooled), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in pooled),
+                        "losses": sum(d < 0 for d in pooled)})
+    return out
+
+
+def by_depth(records: List[Dict[str, object]], bins: int = 5) -> List[Dict[str, object]]:
+    groups: Dict[tuple, List[float]] = {}
+    for r in records:
+        if r["answer_shot"] is None:
+            continue
+        b = min(bins - 1, int(r["depth"] * bins))
+        groups.setdefault((r["task"], r["setting"], r["method"], r["keep_ratio"], b), []).append(r["score"])
+    return [{"task": t, "setting": s, "method": m, "keep_ratio": k, "depth_bin": f"{b / bins:.1f}-{(b + 1) / bins:.1f}",
+             "n": len(v), "accuracy": sum(v) / len(v)} for (t, s, m, k, b), v in sorted(groups.items(), key=str)]
+
+
+# --------------------------------------------------------------------------- output
+def _f(x: float, nd: int = 2) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def format_table(result: EvalResult) -> str:
+    """Markdown table of the summary (what the CLI prints and ``table.md`` holds)."""
+    lines = ["| task | setting | method | keep | n | accuracy | agreement | next-token KL | Δ vs full | KV kept |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result.summary:
+        lines.append(f"| {r['task']} | {r['setting']} | {r['method']} | {_f(r['keep_ratio'])} | {r['n']} | "
+                     f"{_f(r['accuracy'])} ± {_f(r['accuracy_se'])} | {_f(r['agreement'])} ± {_f(r['agreement_se'])} | "
+                     f"{_f(r['kl'], 3)} ± {_f(r['kl_se'], 3)} | {_f(r['delta_vs_full'])} ± {_f(r['delta_vs_full_se'])} | "
+                     f"{_f(r['kv_kept'])} |")
+    pooled = [p for p in result.pairs if p["task"] == "all"]
+    if pooled:
+        lines += ["", "Paired (same examples): mean score difference a - b ± paired SE, wins/losses",
+                  "", "| a | b | keep | n | a - b | wins | losses |", "|---|---|---|---|---|---|---|"]
+        for p in pooled:
+            lines.append(f"| {p['a']} | {p['b']} | {_f(p['keep_ratio'])} | {p['n']} | {_f(p['mean_diff'], 3)} ± "
+                         f"{_f(p['se'], 3)} | {p['wins']} | {p['losses']} |")
+    return "\n".join(lines)
+
+
+def write_outputs(result: EvalResult, out_dir: Path) -> List[Path]:
+    """``eval_results.json`` (config, meta, every record, summary, pairs, depth), ``eval_summary.csv``,
+    ``eval_table.md`` and ``eval_accuracy.png`` (when matplotlib is installed)."""
+    import csv
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    p = out_dir / "eval_results.json"
+
+    def clean(x):
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    p.write_text(json.dumps(clean({"config": asdict(result.config), "meta": result.meta, "summary": result.summary,
+                                   "pairs": result.pairs, "depth": result.depth, "records": result.records}), indent=1))
+    paths.append(p)
+    p = out_dir / "eval_summary.csv"
+    with p.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(result.summary[0].keys()) if result.summary else ["task"])
+        w.writeheader()
+        for r in result.summary:
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
+    paths.append(p)
+    p = out_dir / "eval_table.md"
+    p.write_text(format_table(result) + "\n")
+    paths.append(p)
+    png = plot(result, out_dir / "eval_accuracy.png")
+    if png:
+        paths.append(png)
+    return paths
+
+
+def plot(result: EvalResult, path: Path) -> Optional[Path]:
+    """Accuracy against keep ratio, one panel per (task, setting), one line per method, the full cache
+    dashed; error bars = one standard error."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return None
+    cfg = result.config
+    panels = [(t, s) for t in cfg.tasks for s in cfg.settings]
+    cols = min(len(cfg.tasks), 5)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    for ax, (task, setting) in zip(axes.flat, panels):
+        rs = [r for r in result.summary if r["task"] == task and r["setting"] == setting]
+        full = [r for r in rs if r["method"] == "full"]
+        if full:
+            ax.axhline(full[0]["accuracy"], color="k", ls="--", lw=1, label="full cache")
+        for m in cfg.methods:
+            pts = sorted((r["keep_ratio"], r["accuracy"], r["accuracy_se"]) for r in rs if r["method"] == m)
+            if pts:
+                ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts],
+                            yerr=[0 if math.isnan(e) else e for _, _, e in pts], marker="o", ms=3, capsize=2, label=m)
+        ax.set_title(f"{task} / {setting.replace('query_', 'q-')}", fontsize=9)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_xlabel("keep ratio", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("accuracy", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
+    fig.suptitle(f"{result.meta.get('model', '')}: accuracy vs keep ratio (n={cfg.n_examples} per point)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["EvalConfig", "EvalResult", "run_eval", "run_once", "prepare", "build_method", "format_table",
+           "write_outputs", "summarize", "paired", "by_depth", "kl_divergence", "SETTINGS"]
+
