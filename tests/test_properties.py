@@ -30,8 +30,6 @@ unchanged when they do.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -68,8 +66,8 @@ class CacheModel:
     def append_fails(self, layer, counts) -> bool:
         """Whether a fixed pool lacks the pages for ``counts[b][h]`` more tokens in ``layer`` (and,
         for a growing pool, track its new size: it doubles, or grows by the deficit if more)."""
-        need = sum(self.pages(len(self.rows[(layer, b, h)]) + int(counts[b][h])) - self.pages(len(self.rows[(layer, b, h)]))
-                   for b in range(self.B) for h in range(self.H))
+        lens = {(b, h): len(self.rows[(layer, b, h)]) for b in range(self.B) for h in range(self.H)}
+        need = sum(self.pages(n + int(counts[b][h])) - self.pages(n) for (b, h), n in lens.items())
         free = self.num_pages - self.pages_in_use()
         if need > free:
             if not self.grow:
@@ -139,8 +137,9 @@ def assert_matches(cache: PagedKVCache, model: CacheModel):
                 if n == 0:
                     continue
                 assert pos[b, h, :n].tolist() == [t[0] for t in toks], f"positions of row {(l, b, h)}"
-                assert torch.equal(bits(k[b, h, :n].cpu()), bits(torch.stack([t[1] for t in toks]))), f"K of {(l, b, h)}"
-                assert torch.equal(bits(v[b, h, :n].cpu()), bits(torch.stack([t[2] for t in toks]))), f"V of {(l, b, h)}"
+                want_k, want_v = torch.stack([t[1] for t in toks]), torch.stack([t[2] for t in toks])
+                assert torch.equal(bits(k[b, h, :n].cpu()), bits(want_k)), f"K of row {(l, b, h)}"
+                assert torch.equal(bits(v[b, h, :n].cpu()), bits(want_v)), f"V of row {(l, b, h)}"
 
 
 # ------------------------------------------------------------------------------------------------
