@@ -405,10 +405,20 @@ def with_backends(cases):
 
 
 @pytest.mark.parametrize("op,arg,bad,exc,match,backend", with_backends(generic_cases() + EXPLICIT))
-def test_malformed_argument_is_rejected_naming_it(op, arg, bad, exc, match, backend):
+def test_malformed_argument_is_rejected_naming_it(op, arg, bad, exc, match, backend, monkeypatch):
     kw = valid(op)
+    dev = devices_for_triton()[0] if backend == "triton" else "cpu"
+    if dev != "cpu":
+        # on CUDA the value checks run only in debug mode (they sync the host)
+        monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+        kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     originals = _snapshot(kw)
-    kw[arg] = bad(kw)
+    value = bad(kw)
+    if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+        value = value.to(dev)
+    kw[arg] = value
+    if op == "select_topk" and arg == "budget" and isinstance(value, torch.Tensor) and dev != "cpu":
+        kw["max_budget"] = 10  # required with a CUDA budget tensor (else that error would come first)
     if backend is not None:
         kw["backend"] = backend
     before = _snapshot(kw)
