@@ -77,6 +77,21 @@ def test_paged_path_equals_stock_generate(cfg, batch):
     assert model.config._attn_implementation != ATTN_IMPLEMENTATION      # restored
 
 
+@pytest.mark.parametrize("method", [None, kk.SnapKV(1.0, window_size=4)], ids=["baseline", "SnapKV"])
+def test_right_padding_equals_stock_generate(method):
+    """Pads are found from the mask wherever they are: a right-padded batch (which transformers
+    warns about) gives what stock generate gives."""
+    model = tiny_llama(4, 2, 16)
+    ids, mask, lengths = prompts(2)
+    rids, rmask = torch.zeros_like(ids), torch.zeros_like(mask)
+    for b, n in enumerate(lengths):
+        rids[b, :n], rmask[b, :n] = ids[b, ids.shape[1] - n:], 1
+    want = stock(model, rids, rmask)
+    got, stats = kk.generate(model, rids, method, attention_mask=rmask, max_new_tokens=NEW)
+    assert torch.equal(got, want)
+    assert stats["prompt_lengths"] == lengths
+
+
 @pytest.mark.parametrize("method", all_methods(1.0), ids=lambda m: type(m).__name__)
 def test_keep_ratio_one_equals_stock_generate(method):
     model = tiny_llama(4, 2, 16)

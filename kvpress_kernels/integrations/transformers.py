@@ -66,6 +66,29 @@ def _timer_sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Span:
+    """Time one region: CUDA events on a GPU (read at the end of the generation, so timing never
+    syncs the host mid-run), ``perf_counter`` on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> "_Span":
+        if self.cuda:
+            self.end.record()
+        else:
+            self.seconds = time.perf_counter() - self.t0
+        return self
+
+    def elapsed(self) -> float:
+        return self.start.elapsed_time(self.end) / 1000.0 if self.cuda else self.seconds
+
+
 # ------------------------------------------------------------------------------------------------
 # Model inspection
 # ------------------------------------------------------------------------------------------------
@@ -196,7 +219,7 @@ class PagedCache(Cache):
         self._prefilled = [False] * self.spec.num_layers
         self._pack_idx: Optional[torch.Tensor] = None
         self._prompt_lengths: Optional[np.ndarray] = None
-        self._times: Dict[str, float] = {"compress_s": 0.0}
+        self._compress_spans: List[_Span] = []
         self._t_prefill0: Optional[float] = None
         self._t_decode0: Optional[float] = None
         self._bytes_after_prefill: Optional[int] = None
@@ -294,6 +317,7 @@ class PagedCache(Cache):
         if (lengths == 0).any():
             raise ValueError(f"attention_mask leaves sequence {int(np.argmin(lengths))} with no token")
         self._prompt_lengths = lengths
+        self._lengths_dev = torch.from_numpy(lengths).to(dev)
         n_max = int(lengths.max())
         if (lengths == N).all():
             self._pack_idx = None
@@ -318,14 +342,14 @@ class PagedCache(Cache):
             self.method.begin(self.info)
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, H, N, D]`` with padding -> ``[B, H, n_max, D]`` real tokens first, zeros after each length."""
+        """``[B, H, N, D]`` with padding -> ``[B, H, n_max, D]`` real tokens first, zeros after each length.
+        Without padding ``x`` itself (a strided view: the ops need only a unit last stride)."""
         if self._pack_idx is None:
-            return x.contiguous()
+            return x
         B, H, _, D = x.shape
         n_max = self._pack_idx.shape[1]
         out = torch.gather(x, 2, self._pack_idx.view(B, 1, n_max, 1).expand(B, H, n_max, D))
-        live = torch.arange(n_max, device=x.device).view(1, n_max) < torch.from_numpy(
-            self._prompt_lengths).to(x.device).view(B, 1)
+        live = torch.arange(n_max, device=x.device).view(1, n_max) < self._lengths_dev.view(B, 1)
         return torch.where(live.view(B, 1, n_max, 1), out, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def _prefill(self, layer: int, query, key, value, attention_mask, scale: float) -> None:
@@ -338,16 +362,13 @@ class PagedCache(Cache):
         kv.append(layer, k_p, v_p, counts=self._prompt_lengths)
         self._prefilled[layer] = True
         if self.method is not None:
-            _timer_sync(key.device)
-            t0 = time.perf_counter()
-            lengths = torch.from_numpy(self._prompt_lengths).to(key.device)
-            inputs = PrefillInputs(layer=layer, queries=self._pack(query), keys=k_p, values=v_p, lengths=lengths,
-                                   scale=float(scale), info=self.info)
+            span = _Span(key.device)
+            inputs = PrefillInputs(layer=layer, queries=self._pack(query), keys=k_p, values=v_p,
+                                   lengths=self._lengths_dev, scale=float(scale), info=self.info)
             ev = self.method.prefill(inputs)
             if ev is not None:
                 kv.compact(layer, ev.kept_idx, new_lengths=ev.new_lengths)
-            _timer_sync(key.device)
-            self._times["compress_s"] += time.perf_counter() - t0
+            self._compress_spans.append(span.stop())
         if layer == self.spec.num_layers - 1:
             self._bytes_after_prefill = kv.bytes_in_use()
             self.lengths_after_prefill = kv.seq_lengths()
@@ -410,7 +431,7 @@ class PagedCache(Cache):
             "prompt_lengths": [int(n) for n in self._prompt_lengths],
             "generated_tokens": self._generated,
             "prefill_s": ((self._t_decode0 or end) - self._t_prefill0) if self._t_prefill0 else 0.0,
-            "compress_s": self._times["compress_s"],
+            "compress_s": sum(sp.elapsed() for sp in self._compress_spans),
             "decode_s": (end - self._t_decode0) if self._t_decode0 else 0.0,
             "backend": resolve_backend("paged_decode_attention", self.backend, kv.device,
                                        has=("reference", "triton")),
