@@ -37,10 +37,10 @@ def append_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.T
     page_size = k_pages.shape[1]
     rows = lengths.numel()
     T = k_new.shape[-2]
-    table = page_table.reshape(rows, -1).long()
+    table = page_table.reshape(rows, page_table.shape[-1]).long()
     lens = lengths.reshape(rows)
-    kn = k_new.reshape(rows, T, -1)
-    vn = v_new.reshape(rows, T, -1)
+    kn = k_new.reshape(rows, T, k_new.shape[-1])
+    vn = v_new.reshape(rows, T, v_new.shape[-1])
     cnt = counts.reshape(rows).long() if counts is not None else torch.full((rows,), T, device=lens.device)
     t = torch.arange(T, device=lens.device)
     write = t.unsqueeze(0) < cnt.unsqueeze(1)                       # [rows, T]
@@ -115,12 +115,12 @@ def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, 
     if rows == 0 or T == 0:
         return
     page_size = k_pages.shape[1]
-    table = page_table.reshape(rows, -1)
+    table = page_table.reshape(rows, page_table.shape[-1])
     kn = _bits(k_new.reshape(rows, T, D))
     vn = _bits(v_new.reshape(rows, T, D))
     kp, vp = _bits(k_pages), _bits(v_pages)
     lens = lengths.reshape(rows)
-    cnt = counts.reshape(rows) if counts is not None else lens
+    cnt = counts.reshape(rows).contiguous() if counts is not None else lens  # read with unit stride
     pn = pos_new.reshape(rows, T).to(pos_pages.dtype) if pos_pages is not None else lens
     pp = pos_pages if pos_pages is not None else lens
     block_d = min(triton.next_power_of_2(D), 256)

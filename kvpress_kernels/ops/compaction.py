@@ -91,7 +91,7 @@ def compact_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.
     page_size = k_pages.shape[1]
     K = kept_idx.shape[-1]
     src, dst, row = compaction_plan_ref(kept_idx, lengths)
-    table = page_table.reshape(rows, -1).long()
+    table = page_table.reshape(rows, page_table.shape[-1]).long()
     sp, so = table[row, src // page_size], src % page_size
     dp, do = table[row, dst // page_size], dst % page_size
     # Sources and destinations are disjoint, so gathering before scattering is all the ordering
@@ -218,7 +218,7 @@ def _compact_triton(k_pages, v_pages, page_table, lengths, kept_idx, pos_pages) 
         return
     K = kept_idx.shape[-1]
     page_size = k_pages.shape[1]
-    table = page_table.reshape(rows, -1)
+    table = page_table.reshape(rows, page_table.shape[-1])
     kept = kept_idx.reshape(rows, K)
     lens = lengths.reshape(rows)
     kp, vp = _wide_bits(k_pages), _wide_bits(v_pages)
@@ -284,6 +284,8 @@ def _check_pages_distinct(page_table: torch.Tensor, lengths: torch.Tensor, page_
     """Pages holding live tokens must belong to one row only: a shared page would make the moves
     of two rows race (DESIGN.md §4, a page belongs to exactly one row)."""
     max_pages = page_table.shape[-1]
+    if max_pages == 0 or lengths.numel() == 0:
+        return  # no page can hold a token
     used = (lengths.reshape(-1).long() + page_size - 1) // page_size
     live = torch.arange(max_pages, device=page_table.device).unsqueeze(0) < used.to(page_table.device).unsqueeze(1)
     vals = page_table.reshape(-1, max_pages)[live]

@@ -238,6 +238,8 @@ def pool_scores(scores: torch.Tensor, pool: Optional[str], pool_size: int, *,
 def _pool_ref(scores: torch.Tensor, pool: Optional[str], pool_size: int, lengths: Optional[torch.Tensor],
               pool_end: Optional[int]) -> torch.Tensor:
     lead, N = scores.shape[:-1], scores.shape[-1]
+    if N == 0 or scores.numel() == 0:
+        return scores.float().clone()
     s = scores.float().reshape(-1, N)
     R = s.shape[0]
     dev = s.device
@@ -713,6 +715,8 @@ def _check_scale(scale, d: int) -> float:
 
 def _check_q(q) -> None:
     V.tensor("q", q, ndim=4, dtypes=V.FLOAT_DTYPES, last_contiguous=True)
+    if q.shape[-1] < 1:
+        raise ValueError(f"q must have a head_dim >= 1, got shape {list(q.shape)}")
 
 
 def _check_common(q, n_keys: int, Hkv: int, lse, head_reduce, pool, pool_size, pool_end):

@@ -227,7 +227,7 @@ def _segment_reduce_triton(scores: torch.Tensor, spans: Optional[torch.Tensor], 
         block_s = max(2048 // block_t, 1)
         seg_len = chunk_size
     block_s = min(block_s, triton.next_power_of_2(S))
-    lens = lengths.reshape(R) if lengths is not None else out
+    lens = lengths.reshape(R).contiguous() if lengths is not None else out  # read with unit stride
     grid = (R, triton.cdiv(S, block_s))
     _segment_reduce_kernel[grid](
         x, sp, lens, out, N, S, seg_len,

@@ -318,6 +318,9 @@ def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
         prot = prot.contiguous()
     # At least the 256 histogram bins per tile on real runs (tests lower _MAX_BLOCK below that).
     block = min(max(triton.next_power_of_2(max(N, K)), 256), _MAX_BLOCK)
+    # The kernel indexes per-row vectors with unit stride: a strided view would be read wrongly.
+    budgets = budgets.contiguous()
+    lengths = lengths.contiguous() if lengths is not None else None
     _select_topk_kernel[(R,)](
         x, budgets, lengths if lengths is not None else budgets,
         prot.view(torch.int8) if prot is not None else keep.view(torch.int8),
@@ -344,6 +347,7 @@ def _select_segments_triton(seg_scores, seg_sizes, budgets, policy, protect):
         sizes = sizes.contiguous()
     prot = protect.contiguous().view(torch.int8) if protect is not None else seg_keep.view(torch.int8)
     block = min(max(triton.next_power_of_2(S), 16), _MAX_BLOCK)
+    budgets = budgets.contiguous()  # read with unit stride by the kernel
     _select_segments_kernel[(R,)](
         order, sizes, prot, budgets, seg_keep.view(torch.int8), S,
         order.stride(0), sizes.stride(0), prot.stride(0), seg_keep.stride(0),
