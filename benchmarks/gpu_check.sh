@@ -43,7 +43,8 @@ stage info 30 $PY -m kvpress_kernels.cli info
 
 # 2. Tests of the kernels on CUDA tensors (Triton compiled, CUDA extension), bf16 included.
 KERNEL_TESTS="tests/test_append.py tests/test_compaction.py tests/test_scoring.py tests/test_segments.py \
-  tests/test_selection.py tests/test_decode_attention.py tests/test_cache.py tests/test_cuda_ext.py"
+  tests/test_selection.py tests/test_decode_attention.py tests/test_cache.py tests/test_cuda_ext.py \
+  tests/test_bad_inputs.py tests/test_properties.py tests/test_determinism.py tests/test_regressions.py"
 stage pytest_gpu 120 $PY -m pytest -q -ra -m "gpu or triton" $KERNEL_TESTS
 
 # 3. compute-sanitizer over the CUDA extension's tests.

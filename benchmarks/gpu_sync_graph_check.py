@@ -127,6 +127,33 @@ def main(argv=None):
             report["checks"]["cuda_graph_compress_replay"] = f"FAIL: {exc.__class__.__name__}: {exc}"
             ok = False
 
+        # The decode step (paged attention with per-key probabilities) captured and replayed with
+        # a new query and a new cache content.
+        try:
+            st = build(dev, dtype, N=2048, seed=3)
+            q1 = torch.randn(st["B"], st["Hkv"] * st["G"], 1, st["D"], device=dev, dtype=dtype)
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                decode_step(st, q1)
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out_g, probs_g = decode_step(st, q1)
+            fresh = build(dev, dtype, N=2048, seed=4)
+            for k_ in ("k_pages", "v_pages", "page_table", "lengths"):
+                st[k_].copy_(fresh[k_])
+            q1.copy_(torch.randn_like(q1))
+            graph.replay()
+            out_e, probs_e = decode_step(st, q1)
+            torch.cuda.synchronize()
+            same = torch.equal(out_g, out_e) and torch.equal(probs_g, probs_e)
+            report["checks"]["cuda_graph_decode_replay"] = "pass" if same else "FAIL: replay differs from eager"
+            ok &= same
+        except Exception as exc:
+            report["checks"]["cuda_graph_decode_replay"] = f"FAIL: {exc.__class__.__name__}: {exc}"
+            ok = False
+
     # 3. Soak: many prefill/compress/decode cycles through PagedKVCache, pages and memory flat.
     from kvpress_kernels.cache import PagedKVCache
 
