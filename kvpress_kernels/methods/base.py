@@ -179,6 +179,19 @@ class CompressionMethod:
 # Helpers shared by the methods
 # ------------------------------------------------------------------------------------------------
 
+def to_device(x, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host data (list / ndarray) as a tensor on ``device``. On CUDA the copy goes through pinned memory
+    and does not block: methods build small index/budget tensors every step, and a pageable copy would
+    make the host wait for the device each time."""
+    t = torch.from_numpy(np.ascontiguousarray(np.asarray(x)))
+    if dtype is not None:
+        t = t.to(dtype)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def budget_tokens(keep_ratio: float, n: int) -> int:
     """``ceil(keep_ratio * n)`` clipped to ``[min(1, n), n]``.
 
@@ -199,8 +212,7 @@ def window_queries(q: torch.Tensor, lengths: Sequence[int], window: int) -> torc
     B, _, N, _ = q.shape
     if all(int(n) == N for n in lengths):
         return q[:, :, N - window:].contiguous()
-    idx = torch.tensor([[int(n) - window + w for w in range(window)] for n in lengths],
-                       dtype=torch.long, device=q.device)
+    idx = to_device([[int(n) - window + w for w in range(window)] for n in lengths], q.device, torch.long)
     return torch.gather(q, 2, idx.view(B, 1, window, 1).expand(B, q.shape[1], window, q.shape[3])).contiguous()
 
 
@@ -224,7 +236,7 @@ def scores_by_group(lengths: Sequence[int], windows: Sequence[int], n_out: int,
         s = fn(idx, n, w)
         if out is None:
             out = s.new_zeros((len(lengths),) + tuple(s.shape[1:-1]) + (n_out,))
-        index = torch.tensor(idx, device=s.device)
+        index = to_device(idx, s.device, torch.long)
         out[index, ..., :n] = s
     assert out is not None
     return out
@@ -242,12 +254,5 @@ def kept_from_mask(mask: torch.Tensor, counts: Optional[np.ndarray] = None) -> T
     # a stable sort of "not kept" puts the kept positions first, in ascending order
     order = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :K]
     rank = torch.arange(K, device=mask.device).unsqueeze(0)
-    cnt = torch.from_numpy(counts).to(mask.device).unsqueeze(1)
+    cnt = to_device(counts, mask.device).unsqueeze(1)
     return torch.where(rank < cnt, order, -1).to(torch.int32), counts
-
-
-def head_budgets(per_seq: Sequence[int], num_kv_heads: int) -> Tuple[np.ndarray, torch.Tensor]:
-    """Per-row budgets ``[B * Hkv]`` (host ndarray ``[B, Hkv]`` and the flat int64 tensor on CPU) from
-    per-sequence budgets."""
-    arr = np.repeat(np.asarray(per_seq, dtype=np.int64)[:, None], num_kv_heads, axis=1)
-    return arr, torch.from_numpy(arr.reshape(-1).copy())

@@ -10,7 +10,7 @@ import torch
 from .. import _validate as V
 from ..ops.segments import segment_reduce, segments_to_token_mask
 from ..ops.selection import POLICIES, select_segments
-from .base import Eviction, PrefillInputs, budget_tokens, kept_from_mask
+from .base import Eviction, PrefillInputs, budget_tokens, kept_from_mask, to_device
 from .snapkv import SnapKV
 
 
@@ -78,9 +78,8 @@ class ChunkKV(SnapKV):
             protect = (starts + C > w_start) & (starts < lens)
         need = (sizes * protect).sum(1)
         bud = np.maximum(np.asarray(budgets), need)
-        seg_keep = select_segments(seg_scores, torch.from_numpy(sizes).to(dev),
-                                   torch.from_numpy(bud).to(dev), policy=self.policy,
-                                   protect=torch.from_numpy(protect).to(dev), backend=info.backend)
+        seg_keep = select_segments(seg_scores, to_device(sizes, dev), to_device(bud, dev), policy=self.policy,
+                                   protect=to_device(protect, dev), backend=info.backend)
         mask = segments_to_token_mask(seg_keep, n_tokens=N, chunk_size=C)
         mask &= torch.arange(N, device=dev).unsqueeze(0) < inputs.lengths.unsqueeze(1)
         kept, counts = kept_from_mask(mask)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -10,7 +10,8 @@ import torch
 from .. import _validate as V
 from ..ops.scoring import attention_mass
 from ..ops.selection import select_topk
-from .base import CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, scores_by_group
+from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, scores_by_group,
+                   to_device)
 from .shotkv import shared_scores_by_position
 from .snapkv import topk_per_head
 
@@ -66,7 +67,7 @@ class H2O(CompressionMethod):
         dev = inputs.keys.device
 
         def score(idx, n, w):
-            sel = torch.tensor(idx, device=dev)
+            sel = to_device(idx, dev, torch.long)
             q = inputs.queries.index_select(0, sel)[:, :, :n].contiguous()
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="group_sum", backend=info.backend)
@@ -81,7 +82,7 @@ class H2O(CompressionMethod):
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
         B, Hkv = scores.shape[0], scores.shape[1]
-        start = torch.tensor([n - self._recent(b) for n, b in zip(lengths, budgets)], device=dev)
+        start = to_device([n - self._recent(b) for n, b in zip(lengths, budgets)], dev)
         protect = (torch.arange(N, device=dev).view(1, 1, N) >= start.view(B, 1, 1)).expand(B, Hkv, N)
         return topk_per_head(scores, budgets, inputs.lengths, protect=protect.reshape(B * Hkv, N),
                              backend=info.backend)
@@ -107,10 +108,9 @@ class H2O(CompressionMethod):
         if (new_len == inputs.lengths_host).all():
             return None
         scores = torch.where(valid, acc.gather(2, idx), 0.0)
-        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
-        recent = torch.tensor([max(1, self._recent(b)) for b in budgets], device=dev).view(B, 1, 1)
-        protect = valid & (pos >= seen - recent)
-        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        start = to_device([int(t) - max(1, self._recent(b)) for t, b in zip(inputs.seen_host, budgets)], dev)
+        protect = valid & (pos >= start.view(B, 1, 1))
+        bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
                               backend=info.backend)
@@ -148,14 +148,14 @@ class TOVA(CompressionMethod):
         dev = inputs.keys.device
 
         def score(idx, n, w):
-            sel = torch.tensor(idx, device=dev)
+            sel = to_device(idx, dev, torch.long)
             q = inputs.queries.index_select(0, sel)[:, :, n - 1:n].contiguous()
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
 
         scores = scores_by_group(lengths, [1] * B, N, score)                              # [B, N]
         shared = scores.unsqueeze(1).expand(B, Hkv, N)
-        last = torch.tensor([n - 1 for n in lengths], device=dev)
+        last = to_device([n - 1 for n in lengths], dev)
         protect = (torch.arange(N, device=dev).view(1, 1, N) == last.view(B, 1, 1)).expand(B, Hkv, N)
         return topk_per_head(shared, budgets, inputs.lengths, protect=protect.reshape(B * Hkv, N),
                              backend=info.backend)
@@ -170,9 +170,9 @@ class TOVA(CompressionMethod):
         B, Hkv, S = inputs.probs.shape
         dev = inputs.probs.device
         scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
-        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
-        protect = inputs.positions.long() == seen - 1
-        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        newest = to_device(inputs.seen_host.astype(np.int64) - 1, dev).view(B, 1, 1)
+        protect = inputs.positions.long() == newest
+        bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
                               backend=inputs.info.backend)

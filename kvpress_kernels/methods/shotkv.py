@@ -14,7 +14,7 @@ from ..ops.scoring import attention_mass
 from ..ops.segments import segment_reduce, segments_to_token_mask
 from ..ops.selection import POLICIES, select_segments, select_topk
 from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, kept_from_mask,
-                   scores_by_group)
+                   scores_by_group, to_device)
 
 
 class ShotKV(CompressionMethod):
@@ -138,7 +138,7 @@ class ShotKV(CompressionMethod):
             return None
 
         def score(idx, n, w):
-            sel = torch.tensor(idx, device=dev)
+            sel = to_device(idx, dev, torch.long)
             q = inputs.queries.index_select(0, sel)[:, :, n - w:n].contiguous()
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
@@ -154,12 +154,11 @@ class ShotKV(CompressionMethod):
                 spans[b, i] = (s, e)
                 protect[b, i] = (not shot) or e > w0
         sizes = spans[..., 1] - spans[..., 0]
-        spans_t = torch.from_numpy(spans).to(dev)
+        spans_t = to_device(spans, dev)
         seg_scores = segment_reduce(scores, spans=spans_t, reduce="mean", lengths=inputs.lengths,
                                     backend=info.backend)
-        seg_keep = select_segments(seg_scores, torch.from_numpy(sizes).to(dev),
-                                   torch.from_numpy(np.asarray(budgets, dtype=np.int64)).to(dev),
-                                   policy=self.policy, protect=torch.from_numpy(protect).to(dev),
+        seg_keep = select_segments(seg_scores, to_device(sizes, dev), to_device(np.asarray(budgets, dtype=np.int64), dev),
+                                   policy=self.policy, protect=to_device(protect, dev),
                                    backend=info.backend)
         mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=spans_t)
         kept, counts = kept_from_mask(mask)
@@ -181,14 +180,14 @@ class ShotKV(CompressionMethod):
         B, Hkv, S = inputs.probs.shape
         dev = inputs.probs.device
         scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
-        prompt = torch.tensor(info.prompt_lengths, device=dev, dtype=torch.int64).view(B, 1, 1)
         recent = min(self.decode_recent, budget_gen)
-        seen = torch.from_numpy(inputs.seen_host.astype(np.int64)).to(dev).view(B, 1, 1)
+        bounds = to_device(np.stack([np.asarray(info.prompt_lengths, dtype=np.int64),
+                                     inputs.seen_host.astype(np.int64) - recent]), dev).view(2, B, 1, 1)
         pos = inputs.positions.long()
         # the frozen prefill cache and the most recent generated tokens
-        protect = (pos >= 0) & ((pos < prompt) | (pos >= seen - recent))
+        protect = (pos >= 0) & ((pos < bounds[0]) | (pos >= bounds[1]))
         new_len = pre[:, None] + np.minimum(held_gen, budget_gen)                         # [B, Hkv]
-        bud = torch.from_numpy(new_len.reshape(-1).copy()).to(dev)
+        bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
                               backend=info.backend)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import torch
 
 from .. import _validate as V
 from ..ops.scoring import token_norm
-from .base import CompressionMethod, Eviction, PrefillInputs, budget_tokens
+from .base import CompressionMethod, Eviction, PrefillInputs, budget_tokens, to_device
 from .snapkv import topk_per_head
 
 
@@ -37,7 +36,7 @@ class StreamingLLM(CompressionMethod):
             sink = min(self.n_sink, k)
             idx = np.concatenate([np.arange(sink), np.arange(n - (k - sink), n)])
             kept[b, :k] = idx
-        kept_t = torch.from_numpy(kept).to(inputs.keys.device)
+        kept_t = to_device(kept, inputs.keys.device)
         return Eviction(kept_t.unsqueeze(1).expand(B, Hkv, K).contiguous(),
                         np.repeat(np.asarray(budgets, dtype=np.int64)[:, None], Hkv, axis=1))
 

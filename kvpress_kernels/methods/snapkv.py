@@ -10,7 +10,7 @@ import torch
 from .. import _validate as V
 from ..ops.scoring import attention_mass
 from ..ops.selection import select_topk
-from .base import CompressionMethod, Eviction, PrefillInputs, budget_tokens, scores_by_group
+from .base import CompressionMethod, Eviction, PrefillInputs, budget_tokens, scores_by_group, to_device
 
 POOLINGS = ("avg", "max", "none")
 
@@ -61,7 +61,7 @@ class SnapKV(CompressionMethod):
         backend = inputs.info.backend
 
         def score(idx, n, w):
-            sel = torch.tensor(idx, device=inputs.keys.device)
+            sel = to_device(idx, inputs.keys.device, torch.long)
             q = inputs.queries.index_select(0, sel)[:, :, n - w:n].contiguous()
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce=head_reduce, pool=pool,
@@ -85,7 +85,7 @@ class SnapKV(CompressionMethod):
         windows = self.windows(lengths)
         dev = inputs.keys.device
         # the window counts against the budget first; a budget smaller than the window keeps its tail
-        protect_from = torch.tensor([n - min(w, b) for n, w, b in zip(lengths, windows, budgets)], device=dev)
+        protect_from = to_device([n - min(w, b) for n, w, b in zip(lengths, windows, budgets)], dev)
         j = torch.arange(N, device=dev)
         protect = (j.view(1, 1, N) >= protect_from.view(B, 1, 1)).expand(B, Hkv, N).reshape(B * Hkv, N)
         return topk_per_head(scores, budgets, inputs.lengths, protect=protect, backend=info.backend)
@@ -144,7 +144,7 @@ def topk_per_head(scores: torch.Tensor, budgets: List[int], lengths: torch.Tenso
     B, Hkv, N = scores.shape
     dev = scores.device
     bud_host = np.repeat(np.asarray(budgets, dtype=np.int64)[:, None], Hkv, axis=1)
-    bud = torch.from_numpy(bud_host.reshape(-1).copy()).to(dev)
+    bud = to_device(bud_host.reshape(-1), dev)
     rows = lengths.to(torch.int64).repeat_interleave(Hkv)
     _, kept = select_topk(scores.reshape(B * Hkv, N), bud, lengths=rows, protect=protect,
                           max_budget=int(bud_host.max()), backend=backend)
