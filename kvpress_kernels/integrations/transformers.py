@@ -433,8 +433,8 @@ class PagedCache(Cache):
             "prefill_s": ((self._t_decode0 or end) - self._t_prefill0) if self._t_prefill0 else 0.0,
             "compress_s": sum(sp.elapsed() for sp in self._compress_spans),
             "decode_s": (end - self._t_decode0) if self._t_decode0 else 0.0,
-            "backend": resolve_backend("paged_decode_attention", self.backend, kv.device,
-                                       has=("reference", "triton")),
+            "backend": self.backend or resolve_backend("paged_decode_attention", None, kv.device,
+                                                       has=("reference", "triton")),
         })
         return out
 
