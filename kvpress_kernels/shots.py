@@ -75,7 +75,8 @@ def find_shots(text: str, tokenizer, pattern: Union[str, "re.Pattern[str]"] = DE
     else:
         raise TypeError(f"pattern must be a str or a compiled regular expression, got {type(pattern).__name__}")
     if regex.fullmatch("") is not None:
-        raise ValueError(f"pattern must not match the empty string (every position would be a shot), got {regex.pattern!r}")
+        raise ValueError("pattern must not match the empty string (every position would be a shot), "
+                         f"got {regex.pattern!r}")
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("tokenizer must be a fast tokenizer (it must return an offset mapping); "
                          f"got {type(tokenizer).__name__} with is_fast={getattr(tokenizer, 'is_fast', None)}")
@@ -147,4 +148,5 @@ def normalize_batch_shots(shots, prompt_lengths: Sequence[int], *, name: str = "
 def _is_span(x) -> bool:
     if hasattr(x, "tolist"):
         x = x.tolist()
-    return isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in x)
+    return isinstance(x, (tuple, list)) and len(x) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in x)

@@ -571,7 +571,8 @@ def compress(model, method: Optional[CompressionMethod], *, shots=None, page_siz
     _ModelSpec(model)
     if method is not None and not isinstance(method, CompressionMethod):
         hint = " (pass an instance, e.g. ShotKV(0.3), not the class)" if isinstance(method, type) else ""
-        raise TypeError(f"method must be a kvpress_kernels CompressionMethod or None, got {type(method).__name__}{hint}")
+        raise TypeError(f"method must be a kvpress_kernels CompressionMethod or None, "
+                        f"got {type(method).__name__}{hint}")
     page_size = V.integer("page_size", page_size, low=1)
     if backend is not None:
         V.choice("backend", backend, ("reference", "triton", "cuda"))

@@ -157,7 +157,7 @@ class ShotKV(CompressionMethod):
         spans_t = to_device(spans, dev)
         seg_scores = segment_reduce(scores, spans=spans_t, reduce="mean", lengths=inputs.lengths,
                                     backend=info.backend)
-        seg_keep = select_segments(seg_scores, to_device(sizes, dev), to_device(np.asarray(budgets, dtype=np.int64), dev),
+        seg_keep = select_segments(seg_scores, to_device(sizes, dev), to_device(np.asarray(budgets, np.int64), dev),
                                    policy=self.policy, protect=to_device(protect, dev),
                                    backend=info.backend)
         mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=spans_t)
