@@ -177,8 +177,8 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import demo
-    return demo.run_demo(keep_ratio=args.keep_ratio, n_shots=args.shots, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed, token_method=args.token_method)
+    return demo.run_demo(keep_ratio=args.keep_ratio, n_shots=args.shots, n_prompts=args.prompts,
+                         max_new_tokens=args.max_new_tokens, seed=args.seed, token_method=args.token_method)
 
 
 # --------------------------------------------------------------------------- parser
@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="SmolLM2-135M on a many-shot prompt: full cache vs ShotKV vs a token-level method")
     p.add_argument("--keep-ratio", type=_keep_ratio, default=0.3, help="fraction of prompt tokens KEPT (default 0.3)")
     p.add_argument("--shots", type=_positive_int, default=40, help="exemplars in the prompt (default 40)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    p.add_argument("--prompts", type=_positive_int, default=6, help="prompts to answer (default 6)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=6)
     p.add_argument("--token-method", type=_method, default="snapkv", help="token-level method to contrast (default snapkv)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)

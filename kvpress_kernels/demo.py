@@ -30,9 +30,13 @@ def _table(header: List[str], rows: List[List[str]]) -> str:
     return "\n".join([fmt.format(*header), sep] + [fmt.format(*r) for r in rows])
 
 
-def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, max_new_tokens: int = 8, seed: int = 0,
-             token_method: str = "snapkv", example_index: int = 5, n_positions: int = 12, out=None) -> int:
-    """Run the demo and print the comparison. Returns the exit status (0)."""
+def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, n_prompts: int = 6, max_new_tokens: int = 6,
+             seed: int = 0, token_method: str = "snapkv", out=None) -> int:
+    """Run the demo and print the comparison. Returns the exit status (0).
+
+    ``n_prompts`` prompts share the geometry (``n_shots`` exemplars) and ask about exemplars spread
+    evenly from the start to the end of the context; each is answered by the three configurations.
+    """
     out = out or sys.stdout
     import torch
 
@@ -45,50 +49,65 @@ def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, max_new_tokens: int 
     model, tok = load_smollm2(verbose=True)
     print(f"  loaded in {time.perf_counter() - t0:.1f} s", file=out, flush=True)
 
-    ex = make_lookup(example_index, n_positions, random.Random(f"demo:{seed}"), n_shots=n_shots)
-    prep = prepare(ex, tok)
-    input_ids = torch.cat([prep.ctx_ids, prep.q_ids], 1)
-    n = input_ids.shape[1]
-    print(f"\nprompt: {n_shots} exemplars, {n} tokens; the answer sits in exemplar {ex.answer_shot + 1} "
-          f"(depth {ex.depth:.0%}).", file=out)
-    first = ex.context[ex.shot_spans[0][0]:ex.shot_spans[0][1]].strip().replace("\n", " | ")
-    print(f"  first exemplar: {first}", file=out)
-    print(f"  ... final question: {ex.question.strip().replace(chr(10), ' | ')}   (expected: {ex.answer})", file=out)
+    examples = [make_lookup(i, n_prompts, random.Random(f"demo:{seed}:{i}"), n_shots=n_shots) for i in range(n_prompts)]
+    ex0 = examples[0]
+    first = ex0.context[ex0.shot_spans[0][0]:ex0.shot_spans[0][1]].strip().replace("\n", " | ")
+    print(f"\n{n_prompts} many-shot prompts, each {n_shots} exemplars such as \"{first}\", then a question "
+          f"\"{ex0.question.strip().replace(chr(10), ' | ')}\" about one exemplar (spread from the start to the "
+          f"end of the context). Greedy decoding.", file=out)
 
-    configs = [("full cache", None), (f"ShotKV keep {keep_ratio:g}", build_method("shotkv", keep_ratio)),
-               (f"{_pretty(token_method)} keep {keep_ratio:g}", build_method(token_method, keep_ratio))]
-    results = []
-    for label, method in configs:
-        print(f"running: {label} ...", file=out, flush=True)
-        with torch.no_grad():
-            seqs, stats = kvpress_kernels.generate(model, input_ids, method, max_new_tokens=max_new_tokens,
-                                                   attention_mask=torch.ones_like(input_ids),
-                                                   shots=[prep.shots], pad_token_id=tok.eos_token_id)
-        text = tok.decode(seqs[0, n:], skip_special_tokens=True)
-        results.append((label, answer_line(text), stats))
+    configs = [("full cache", "full"), (f"ShotKV keep {keep_ratio:g}", "shotkv"),
+               (f"{_pretty(token_method)} keep {keep_ratio:g}", token_method)]
+    answers: List[List[str]] = [[] for _ in configs]
+    stats_all: List[List[dict]] = [[] for _ in configs]
+    lengths = []
+    for ex in examples:
+        prep = prepare(ex, tok)
+        input_ids = torch.cat([prep.ctx_ids, prep.q_ids], 1)
+        n = input_ids.shape[1]
+        lengths.append(n)
+        for c, (label, name) in enumerate(configs):
+            print(f"\r  prompt {ex.index + 1}/{n_prompts}: {label:<22}", end="", file=out, flush=True)
+            with torch.no_grad():
+                seqs, stats = kvpress_kernels.generate(model, input_ids, build_method(name, keep_ratio),
+                                                       max_new_tokens=max_new_tokens,
+                                                       attention_mask=torch.ones_like(input_ids),
+                                                       shots=[prep.shots], pad_token_id=tok.eos_token_id)
+            answers[c].append(answer_line(tok.decode(seqs[0, n:], skip_special_tokens=True)))
+            stats_all[c].append(stats)
+    print("\r" + " " * 60 + "\r", end="", file=out)
 
-    full_bytes = results[0][2].get("kv_bytes_after_prefill")
-    header = [""] + [label for label, _, _ in results]
+    header = ["question (depth)", "expected"] + [label for label, _ in configs]
+    rows = []
+    for k, ex in enumerate(examples):
+        word = ex.question.split("code of ", 1)[-1].split("?", 1)[0]
+        rows.append([f"{word} ({ex.depth:.0%})", ex.answer] +
+                    [(a or "(empty)") + (" ok" if a == ex.answer else " x") for a in (answers[c][k] for c in range(len(configs)))])
+    rows.append(["correct", ""] + [f"{sum(a == ex.answer for a, ex in zip(answers[c], examples))}/{n_prompts}"
+                                   for c in range(len(configs))])
+    print("\n" + _table(header, rows), file=out)
+
+    def mean(c, key):
+        vals = [s.get(key) for s in stats_all[c] if s.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    full_after = mean(0, "kv_bytes_after_prefill")
+    header = [f"per prompt (mean of {n_prompts}, {sum(lengths) // len(lengths)} tokens)"] + [label for label, _ in configs]
     rows = [
-        ["answer"] + [a or "(empty)" for _, a, _ in results],
-        ["correct"] + [("yes" if a == ex.answer else "no") for _, a, _ in results],
-        ["KV cache, no compression"] + [_mib(s.get("kv_bytes_full")) for _, _, s in results],
+        ["KV cache without compression"] + [_mib(mean(c, "kv_bytes_full")) for c in range(len(configs))],
         ["KV cache after prefill"] + [
-            _mib(s.get("kv_bytes_after_prefill")) + (f" ({s['kv_bytes_after_prefill'] / full_bytes:.0%})"
-                                                     if full_bytes and s.get("kv_bytes_after_prefill") else "")
-            for _, _, s in results],
-        ["KV cache at the end"] + [_mib(s.get("kv_bytes_final")) for _, _, s in results],
-        ["prefill (s)"] + [f"{s.get('prefill_s', 0.0):.2f}" for _, _, s in results],
-        ["  of which compression (s)"] + [f"{s.get('compress_s', 0.0):.3f}" for _, _, s in results],
-        ["decode (s)"] + [f"{s.get('decode_s', 0.0):.2f}" for _, _, s in results],
-        ["tokens generated"] + [str(s.get("generated_tokens", "-")) for _, _, s in results],
-        ["backend"] + [str(s.get("backend", "-")) for _, _, s in results],
+            _mib(mean(c, "kv_bytes_after_prefill")) + (f" ({mean(c, 'kv_bytes_after_prefill') / full_after:.0%})"
+                                                       if full_after else "") for c in range(len(configs))],
+        ["KV cache at the end"] + [_mib(mean(c, "kv_bytes_final")) for c in range(len(configs))],
+        ["prefill (s)"] + [f"{mean(c, 'prefill_s') or 0.0:.2f}" for c in range(len(configs))],
+        ["  of which compression (s)"] + [f"{mean(c, 'compress_s') or 0.0:.3f}" for c in range(len(configs))],
+        ["decode (s)"] + [f"{mean(c, 'decode_s') or 0.0:.2f}" for c in range(len(configs))],
+        ["backend (decode attention)"] + [str(stats_all[c][0].get("backend", "-")) for c in range(len(configs))],
     ]
     print("\n" + _table(header, rows), file=out)
-    print(f"\nkeep ratio = fraction of prompt tokens KEPT. Memory is the paged cache's pages in use "
-          f"(K+V, all {model.config.num_hidden_layers} layers). Total time {time.perf_counter() - t0:.0f} s.",
-          file=out)
-    print("More: `kvpress-kernels eval` (accuracy over many prompts, methods x keep ratios), "
+    print(f"\nkeep ratio = fraction of prompt tokens KEPT. Memory = pages of the paged cache in use (K+V, all "
+          f"{model.config.num_hidden_layers} layers). Total {time.perf_counter() - t0:.0f} s.", file=out)
+    print("More: `kvpress-kernels eval` (accuracy over many prompts, methods x keep ratios, both settings), "
           "`kvpress-kernels bench` (kernel speed).", file=out)
     return 0
 

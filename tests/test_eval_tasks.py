@@ -75,10 +75,10 @@ def test_rule_tasks_gold_answers(task):
     for ex in generate_task(task, 10, seed=0):
         q = ex.question[3:-3]
         if task == "arithmetic":
-            a, b = re.match(r"(\d+) \+ (\d+) = \?", q).groups()
+            a, b = re.match(r"What is (\d+) plus (\d+)\?", q).groups()
             assert ex.answer == str(int(a) + int(b))
             for s, e in ex.shot_spans:
-                a, b, c = re.match(r"Q: (\d+) \+ (\d+) = \?\nA: (\d+)", ex.context[s:e]).groups()
+                a, b, c = re.match(r"Q: What is (\d+) plus (\d+)\?\nA: (\d+)\n\n$", ex.context[s:e]).groups()
                 assert int(a) + int(b) == int(c)
         else:
             w1, w2 = q.split()

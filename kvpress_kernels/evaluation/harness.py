@@ -407,10 +407,9 @@ def plot(result: EvalResult, path: Path) -> Optional[Path]:
     except Exception:
         return None
     cfg = result.config
-    panels = [(t, s) for t in cfg.tasks for s in cfg.settings]
-    cols = min(len(cfg.tasks), 5)
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+    panels = [(t, s) for s in cfg.settings for t in cfg.tasks]       # a row per setting, a column per task
+    cols, rows = len(cfg.tasks), len(cfg.settings)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(3.0 * cols, 4.5), 2.7 * rows + 0.8), squeeze=False)
     for ax, (task, setting) in zip(axes.flat, panels):
         rs = [r for r in result.summary if r["task"] == task and r["setting"] == setting]
         full = [r for r in rs if r["method"] == "full"]
@@ -423,15 +422,15 @@ def plot(result: EvalResult, path: Path) -> Optional[Path]:
                             yerr=[0 if math.isnan(e) else e for _, _, e in pts], marker="o", ms=3, capsize=2, label=m)
         ax.set_title(f"{task} / {setting.replace('query_', 'q-')}", fontsize=9)
         ax.set_ylim(-0.05, 1.05)
+        ax.set_xlim(0.0, 1.0)
         ax.set_xlabel("keep ratio", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("accuracy", fontsize=8)
+    for r in range(rows):
+        axes[r][0].set_ylabel("accuracy", fontsize=8)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
-    fig.suptitle(f"{result.meta.get('model', '')}: accuracy vs keep ratio (n={cfg.n_examples} per point)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    fig.suptitle(f"SmolLM2-135M: accuracy vs keep ratio, n={cfg.n_examples} per point, ± 1 SE", fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
