@@ -289,7 +289,8 @@ class BenchContext:
         rows: list[dict] = []
         for name in sorted(providers, key=lambda p: PROVIDER_ORDER.index(p) if p in PROVIDER_ORDER else 99):
             fn = providers[name]
-            row = {"op": op, **case, "case": " ".join(f"{k}={v}" for k, v in list(case.items())[:2]), "provider": name, "status": "ok", "note": "",
+            row = {"op": op, **case, "case": " ".join(f"{k}={v}" for k, v in list(case.items())[:3]),
+                   "case_keys": ",".join(case), "provider": name, "status": "ok", "note": "",
                    "median_ms": math.nan, "p20_ms": math.nan, "p80_ms": math.nan, "reps": 0,
                    "floor_bytes": floor_bytes if floor_bytes is not None else math.nan,
                    "floor_ms": (floor_bytes / (bw * 1e9) * 1e3) if floor_bytes else math.nan,
@@ -418,14 +419,26 @@ def plot_results(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         provs = [p for p in PROVIDER_ORDER if any(r["provider"] == p for r in op_rows)]
         provs += sorted({r["provider"] for r in op_rows} - set(provs))
+        # string case parameters that vary within the op (e.g. scoring's mode and lse) split the lines;
+        # numeric ones (head counts, flops) follow from the size or are fixed
+        keys = [k for k in (op_rows[0].get("case_keys") or "").split(",") if k and k != key]
+        varying = [k for k in keys if isinstance(op_rows[0].get(k), str) and len({r.get(k) for r in op_rows}) > 1]
+
+        def variant(r):
+            return " ".join(f"{k}={r.get(k)}" for k in varying)
+
         for p in provs:
-            pts = sorted((r[key], r["median_ms"]) for r in op_rows if r["provider"] == p and r["status"] == "ok")
-            if pts:
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p)
-        floor = sorted({(r[key], r["floor_ms"]) for r in op_rows
-                        if isinstance(r.get("floor_ms"), float) and not math.isnan(r["floor_ms"])})
-        if floor:
-            ax.plot([x for x, _ in floor], [y for _, y in floor], "k--", lw=1, label="byte floor @ copy BW")
+            for v in sorted({variant(r) for r in op_rows if r["provider"] == p}):
+                pts = sorted((r[key], r["median_ms"]) for r in op_rows
+                             if r["provider"] == p and variant(r) == v and r["status"] == "ok")
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=f"{p} {v}".strip())
+        for i, v in enumerate(sorted({variant(r) for r in op_rows})):
+            floor = sorted({(r[key], r["floor_ms"]) for r in op_rows if variant(r) == v and
+                            isinstance(r.get("floor_ms"), float) and not math.isnan(r["floor_ms"])})
+            if floor:
+                ax.plot([x for x, _ in floor], [y for _, y in floor], "k--", lw=1,
+                        label="byte floor @ copy BW" if i == 0 else None)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(key)
@@ -444,14 +457,14 @@ def plot_results(rows: list[dict], out_dir: Path, meta: dict) -> list[Path]:
 def format_table(rows: list[dict]) -> str:
     """A compact text table of the rows (what the CLI prints)."""
     lines = []
-    header = f"{'op':<16} {'case':<26} {'provider':<12} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} " \
+    header = f"{'op':<16} {'case':<36} {'provider':<12} {'median ms':>10} {'p20-p80 ms':>17} {'GB/s':>8} " \
              f"{'%copyBW':>7} {'peak extra':>11}  vs peers"
     lines.append(header)
     lines.append("-" * len(header))
     for r in rows:
         case = r.get("case", "")
         if r["status"] != "ok":
-            lines.append(f"{r['op']:<16} {case[:26]:<26} {r['provider']:<12} {r['status']}: {r['note'][:70]}")
+            lines.append(f"{r['op']:<16} {case[:36]:<36} {r['provider']:<12} {r['status']}: {r['note'][:70]}")
             continue
         peers = " ".join(f"{k[5:]}:{v:.2f}x" for k, v in r.items()
                          if k.startswith("x_vs_") and isinstance(v, float) and not math.isnan(v))
@@ -459,7 +472,7 @@ def format_table(rows: list[dict]) -> str:
         pct = f"{r['pct_copy_bw']:.0f}%" if not math.isnan(r["pct_copy_bw"]) else "-"
         pk = r["peak_extra_bytes"]
         pk = fmt_bytes(pk) if isinstance(pk, (int, float)) and not math.isnan(pk) else "-"
-        lines.append(f"{r['op']:<16} {case[:26]:<26} {r['provider']:<12} {r['median_ms']:>10.3f} "
+        lines.append(f"{r['op']:<16} {case[:36]:<36} {r['provider']:<12} {r['median_ms']:>10.3f} "
                      f"{r['p20_ms']:>8.3f}-{r['p80_ms']:<8.3f} {gb:>8} {pct:>7} {pk:>11}  {peers}")
     return "\n".join(lines)
 
