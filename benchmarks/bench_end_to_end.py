@@ -114,7 +114,7 @@ def run(ctx: BenchContext) -> list[dict]:
         cstep = ctx.compiled(_ref_step) if n == csize else None
         providers["compiled"] = pipeline(cstep) if cstep is not None else (
             "torch.compile is measured at one size (compiling costs more than the run)" if n != csize else
-            "torch.compile runs on GPU, and on CPU only in full runs (not --quick)")
+            "torch.compile runs only in full runs (not --quick)")
         providers["triton"] = pipeline(_step_fns({"scoring": "triton", "selection": "triton",
                                                   "compaction": "triton"})) if triton_ok else triton_why
         if cuda_ok and triton_ok:

@@ -128,13 +128,14 @@ def cmd_bench(args) -> int:
     bar = tqdm(names, desc="bench", unit="script")
     for name in bar:
         bar.set_postfix_str(name)
-        mod = importlib.import_module(f"bench_{name}")
         try:
+            mod = importlib.import_module(f"bench_{name}")
             rows += mod.run(ctx)
         except Exception as exc:  # a whole script failing (e.g. an op not there yet) is reported, not fatal
             msg = f"{exc.__class__.__name__}: {exc}".splitlines()[0][:200]
             print(f"  bench_{name} failed: {msg}", file=sys.stderr)
             rows.append({"op": name, "provider": "-", "status": "error", "note": msg, "case": ""})
+        C.write_results(rows, out, ctx.meta)     # after every script: a killed run keeps what it measured
     paths = C.write_results(rows, out, ctx.meta)
     if not args.no_plots:
         paths += C.plot_results([r for r in rows if "median_ms" in r], out, ctx.meta)
