@@ -22,7 +22,9 @@ Metrics per (task, setting, method, keep ratio), each with its standard error ov
   in ``query_agnostic``, the second in ``query_aware`` (the first comes from the prefill pass, which
   attends to the whole prompt before the cache is compressed);
 - ``delta_vs_full``: paired accuracy difference to the full cache (method - full), mean and paired SE;
-- ``kv_kept``: KV bytes after prefill / bytes of the full cache (page granularity).
+- ``kv_kept``: cached tokens once prefill compression is done / prefilled tokens (all layers and kv
+  heads; in ``query_agnostic`` the prefill is the context). The memory this frees is in
+  ``kv_bytes_after_prefill`` of each record (page granularity).
 
 Paired comparisons between methods at the same keep ratio (same examples) are in ``pairs``.
 """
@@ -234,6 +236,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) ->
     examples = {t: generate_task(t, cfg.n_examples, seed=cfg.seed, n_shots=cfg.n_shots) for t in cfg.tasks}
     prepared = {t: [prepare(ex, tok) for ex in exs] for t, exs in examples.items()}
     variants = [(m, r) for m in cfg.methods for r in cfg.keep_ratios]
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_rows = text_cfg.num_hidden_layers * (getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
     total = sum(len(v) for v in prepared.values()) * len(cfg.settings) * (1 + len(variants))
     records: List[Dict[str, object]] = []
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress)
@@ -251,17 +255,20 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) ->
                         "n_shots": len(prep.shots)}
                 records.append({**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
                                 "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
-                                "kv_kept": 1.0, "seconds": full.seconds})
+                                "kv_kept": 1.0, "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
+                                "seconds": full.seconds})
                 for name, ratio in variants:
                     out = run_once(model, tok, prep, build_method(name, ratio), setting, backend=cfg.backend)
                     bar.update(1)
                     st = out.stats
-                    kept = (st.get("kv_bytes_after_prefill") or math.nan) / (st.get("kv_bytes_full") or math.nan)
+                    prefilled = n_rows * (st.get("prompt_lengths") or [math.nan])[0]
+                    kept = (st.get("kv_tokens_after_prefill") or math.nan) / prefilled
                     lines = out.lines()
                     records.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
                                     "score": score(ex, out.texts if ex.turns else out.text),
                                     "agree": float(lines == full_lines),
                                     "kl": kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept,
+                                    "kv_bytes_after_prefill": st.get("kv_bytes_after_prefill"),
                                     "seconds": out.seconds})
     bar.close()
     meta = {"model": model_name(), "torch": torch.__version__, "device": "cpu",
