@@ -11,7 +11,13 @@ Settings (reported apart):
 
 Every run goes through the transformers integration (:func:`kvpress_kernels.compress`); the baseline
 is the same paged path with ``method=None`` (the full cache), so that differences come from eviction
-alone. Decoding is greedy, one token per forward call, stopping at the end of the answer line.
+alone. Decoding is greedy, one token per forward call, stopping at the end of the answer line; for
+``multi_answer`` each follow-up question is then fed (after a blank line) through the same cache and
+answered in turn, so the cache grows while decoding.
+
+Cost: about one second per run for a 24-shot prompt (~450 tokens) on an idle 2-core CPU, so the
+default sweep (5 tasks x 20 examples x 2 settings x (1 + 6 methods x 3 ratios) = 3800 runs) takes
+about an hour; ``--quick`` (36 runs) well under a minute after the model is loaded.
 
 Metrics per (task, setting, method, keep ratio), each with its standard error over examples:
 
