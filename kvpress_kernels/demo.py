@@ -61,13 +61,15 @@ def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, n_prompts: int = 6, 
     answers: List[List[str]] = [[] for _ in configs]
     stats_all: List[List[dict]] = [[] for _ in configs]
     lengths = []
+    live = hasattr(out, "isatty") and out.isatty()       # a progress line only on a terminal
     for ex in examples:
         prep = prepare(ex, tok)
         input_ids = torch.cat([prep.ctx_ids, prep.q_ids], 1)
         n = input_ids.shape[1]
         lengths.append(n)
         for c, (label, name) in enumerate(configs):
-            print(f"\r  prompt {ex.index + 1}/{n_prompts}: {label:<22}", end="", file=out, flush=True)
+            if live:
+                print(f"\r  prompt {ex.index + 1}/{n_prompts}: {label:<22}", end="", file=out, flush=True)
             with torch.no_grad():
                 seqs, stats = kvpress_kernels.generate(model, input_ids, build_method(name, keep_ratio),
                                                        max_new_tokens=max_new_tokens,
@@ -75,7 +77,8 @@ def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, n_prompts: int = 6, 
                                                        shots=[prep.shots], pad_token_id=tok.eos_token_id)
             answers[c].append(answer_line(tok.decode(seqs[0, n:], skip_special_tokens=True)))
             stats_all[c].append(stats)
-    print("\r" + " " * 60 + "\r", end="", file=out)
+    if live:
+        print("\r" + " " * 60 + "\r", end="", file=out)
 
     header = ["question (depth)", "expected"] + [label for label, _ in configs]
     rows = []
