@@ -164,7 +164,6 @@ class BenchContext:
         self.verbose = verbose
         self._copy_bw: Optional[float] = None
         self._meta: Optional[dict] = None
-        self.notes: list[str] = []
 
     # ---------------------------------------------------------------- metadata
     @property

@@ -172,6 +172,9 @@ def cmd_eval(args) -> int:
     result = harness.run_eval(cfg, progress=True)
     paths = harness.write_outputs(result, out)
     print(harness.format_table(result))
+    depth = harness.format_depth_table(result)
+    if depth:
+        print("\n" + depth)
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
 

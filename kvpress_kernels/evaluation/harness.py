@@ -372,6 +372,27 @@ def format_table(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def format_depth_table(result: EvalResult, bins: int = 5) -> str:
+    """Accuracy by depth of the answer-bearing shot (tasks that have one, pooled), per setting, method
+    and keep ratio: does a method lose answers at the start, middle or end of the context?"""
+    groups: Dict[tuple, Dict[int, List[float]]] = {}
+    for r in result.records:
+        if r["answer_shot"] is None:
+            continue
+        b = min(bins - 1, int(r["depth"] * bins))
+        groups.setdefault((r["setting"], r["method"], r["keep_ratio"]), {}).setdefault(b, []).append(r["score"])
+    if not groups:
+        return ""
+    heads = [f"{b / bins:.1f}-{(b + 1) / bins:.1f}" for b in range(bins)]
+    lines = ["Accuracy by answer depth (tasks with an answer-bearing shot, pooled; n per cell in brackets)", "",
+             "| setting | method | keep | " + " | ".join(heads) + " |", "|---|---|---|" + "---|" * bins]
+    for (setting, method, ratio), by in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "full",
+                                                                                   kv[0][2], kv[0][1])):
+        cells = [f"{sum(by[b]) / len(by[b]):.2f} ({len(by[b])})" if b in by else "-" for b in range(bins)]
+        lines.append(f"| {setting} | {method} | {ratio:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_outputs(result: EvalResult, out_dir: Path) -> List[Path]:
     """``eval_results.json`` (config, meta, every record, summary, pairs, depth), ``eval_summary.csv``,
     ``eval_table.md`` and ``eval_accuracy.png`` (when matplotlib is installed)."""
@@ -402,7 +423,7 @@ def write_outputs(result: EvalResult, out_dir: Path) -> List[Path]:
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()})
     paths.append(p)
     p = out_dir / "eval_table.md"
-    p.write_text(format_table(result) + "\n")
+    p.write_text(format_table(result) + "\n\n" + format_depth_table(result) + "\n")
     paths.append(p)
     png = plot(result, out_dir / "eval_accuracy.png")
     if png:
