@@ -158,6 +158,11 @@ def test_summary_pairs_and_depth_from_records():
     pooled = [p for p in harness.paired(recs, cfg) if p["task"] == "all"]
     assert len(pooled) == 1 and pooled[0]["a"] == "shotkv" and pooled[0]["b"] == "snapkv"
     assert pooled[0]["mean_diff"] == 0.25 and pooled[0]["wins"] == 1 and pooled[0]["losses"] == 0
+    res = harness.EvalResult(cfg, {}, recs, harness.summarize(recs), harness.paired(recs, cfg), [])
+    table = harness.format_depth_table(res, bins=4)
+    rows = [ln for ln in table.splitlines() if ln.startswith("| query_aware")]
+    assert [ln.split(" | ")[1] for ln in rows] == ["full", "shotkv", "snapkv"]
+    assert rows[1].endswith("| 1.00 (1) | 1.00 (1) | 0.00 (1) | 0.00 (1) |")
     depth = harness.by_depth(recs, bins=4)
     assert {d["depth_bin"] for d in depth} == {"0.0-0.2", "0.2-0.5", "0.5-0.8", "0.8-1.0"}
     assert all(d["n"] == 1 for d in depth)
