@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 PROG = "kvpress-kernels"
 
 #: Methods the ``eval`` and ``demo`` commands know (built by :func:`kvpress_kernels.evaluation.methods.build_method`).
-METHOD_NAMES = ("full", "shotkv", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o")
+METHOD_NAMES = ("full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o")
 #: Benchmark scripts, in the order they run (``benchmarks/bench_<name>.py``).
 BENCH_NAMES = ("end_to_end", "scoring", "selection", "segments", "compaction", "append", "decode_attention")
 
@@ -58,7 +58,7 @@ def _positive_int(text: str) -> int:
 
 
 def _method(text: str) -> str:
-    name = text.strip().lower().replace("-", "").replace("_", "")
+    name = text.strip().lower().replace("-", "_")
     if name not in METHOD_NAMES:
         raise argparse.ArgumentTypeError(f"unknown method {text!r}; known: {', '.join(METHOD_NAMES)}")
     return name
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="quality harness on SmolLM2-135M: methods x keep ratios",
                        description="Quality harness on SmolLM2-135M (CPU): every method at every keep ratio, "
                                    "both settings, against the full cache. The default sweep (5 tasks x 20 "
-                                   "examples x 2 settings x 19 configurations) takes about an hour on a 2-core "
+                                   "examples x 2 settings x 22 configurations) takes over an hour on a 2-core "
                                    "CPU; --quick under a minute.")
     p.add_argument("--quick", action="store_true", help="a few examples, two methods, one ratio (CI smoke run)")
     p.add_argument("--out", default="results/eval", help="output directory (default results/eval)")

@@ -117,4 +117,4 @@ def run_demo(*, keep_ratio: float = 0.3, n_shots: int = 40, n_prompts: int = 6, 
 
 def _pretty(name: str) -> str:
     return {"snapkv": "SnapKV", "pyramidkv": "PyramidKV", "chunkkv": "ChunkKV", "streamingllm": "StreamingLLM",
-            "h2o": "H2O", "shotkv": "ShotKV", "full": "full"}.get(name, name)
+            "h2o": "H2O", "shotkv": "ShotKV", "shotkv_decode": "ShotKV+decode", "full": "full"}.get(name, name)

@@ -16,8 +16,8 @@ alone. Decoding is greedy, one token per forward call, stopping at the end of th
 answered in turn, so the cache grows while decoding.
 
 Cost: about one second per run for a 24-shot prompt (~450 tokens) on an idle 2-core CPU, so the
-default sweep (5 tasks x 20 examples x 2 settings x (1 + 6 methods x 3 ratios) = 3800 runs) takes
-about an hour; ``--quick`` (36 runs) well under a minute after the model is loaded.
+default sweep (5 tasks x 20 examples x 2 settings x (1 + 7 methods x 3 ratios) = 4400 runs) takes
+over an hour; ``--quick`` (36 runs) well under a minute after the model is loaded.
 
 Metrics per (task, setting, method, keep ratio), each with its standard error over examples:
 
@@ -53,8 +53,8 @@ SETTINGS = ("query_aware", "query_agnostic")
 @dataclass
 class EvalConfig:
     tasks: List[str] = field(default_factory=lambda: list(TASK_NAMES))
-    methods: List[str] = field(default_factory=lambda: ["shotkv", "snapkv", "streamingllm", "h2o", "chunkkv",
-                                                        "pyramidkv"])
+    methods: List[str] = field(default_factory=lambda: ["shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
+                                                        "streamingllm", "h2o"])
     keep_ratios: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
     settings: List[str] = field(default_factory=lambda: list(SETTINGS))
     n_examples: int = 20
@@ -72,12 +72,20 @@ class EvalConfig:
 
 
 def build_method(name: str, keep_ratio: float):
-    """A method instance by CLI name (``keep_ratio`` = fraction KEPT); ``full`` -> ``None``."""
+    """A method instance by CLI name (``keep_ratio`` = fraction KEPT); ``full`` -> ``None``.
+
+    ``shotkv`` is ShotKV's prefill phase alone (``decode_keep_ratio=1``), comparable with the other
+    prefill-time methods; ``shotkv_decode`` adds its decoding phase at the same ratio. Caveat of the
+    decoding phase here: tokens fed after prefill — the question in ``query_agnostic``, the follow-up
+    questions of ``multi_answer`` — reach the cache through the decode path and count as *generated*
+    tokens, so ShotKV's decoding phase may evict them (the integration has no "more prompt" call).
+    """
     from .. import methods as M
 
     builders = {
         "full": lambda r: None,
-        "shotkv": lambda r: M.ShotKV(prefill_keep_ratio=r),
+        "shotkv": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=1.0),
+        "shotkv_decode": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=r),
         "snapkv": lambda r: M.SnapKV(keep_ratio=r),
         "pyramidkv": lambda r: M.PyramidKV(keep_ratio=r),
         "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
@@ -303,7 +311,8 @@ def summarize(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
         out.append({"task": task, "setting": setting, "method": method, "keep_ratio": ratio, "n": len(rs),
                     "accuracy": acc, "accuracy_se": acc_se, "agreement": agr, "agreement_se": agr_se,
                     "kl": kl, "kl_se": kl_se, "delta_vs_full": d, "delta_vs_full_se": d_se, "kv_kept": kept})
-    order = {m: i for i, m in enumerate(["full", "shotkv", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o"])}
+    order = {m: i for i, m in enumerate(["full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
+                                         "streamingllm", "h2o"])}
     out.sort(key=lambda r: (r["task"], r["setting"], r["keep_ratio"] if r["method"] != "full" else -1,
                             order.get(r["method"], 99)))
     return out
@@ -314,7 +323,7 @@ def paired(records: List[Dict[str, object]], cfg: EvalConfig) -> List[Dict[str, 
     mean score difference, its paired standard error, wins / losses; per (task, setting) and pooled."""
     if not cfg.methods:
         return []
-    anchor = "shotkv" if "shotkv" in cfg.methods else cfg.methods[0]
+    anchor = "shotkv" if "shotkv" in cfg.methods else cfg.methods[0]        # ShotKV (prefill) vs each
     idx = {(r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]): r["score"] for r in records}
     out = []
     for other in [m for m in cfg.methods if m != anchor]:

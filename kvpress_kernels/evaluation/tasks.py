@@ -149,7 +149,9 @@ def make_pattern(i: int, n: int, rng: random.Random, n_shots: int = 24) -> Examp
     return Example("pattern", i, context, f"Q: {c} {w}\nA:", f"{w} {c}", spans, None, 0.0, max_new_tokens=6)
 
 
-def make_passkey(i: int, n: int, rng: random.Random, n_shots: int = 24) -> Example:
+def make_passkey(i: int, n: int, rng: random.Random, n_shots: int = 16) -> Example:
+    # 16 paragraphs (~440 tokens): SmolLM2-135M finds the key 7/8 times there, but only 1/20 with 24
+    # paragraphs (~650 tokens), where it starts describing what a pass key is instead.
     key = str(rng.randint(10000, 99999))
     j = _balanced_index(i, n, n_shots)
     paras = [FILLER.strip()] * n_shots
