@@ -84,6 +84,27 @@ def same_device(**tensors: torch.Tensor) -> torch.device:
     return dev
 
 
+def paged_layout(k_pages, v_pages, page_table_, lengths) -> tuple[torch.device, int, int, int, list[int]]:
+    """Checks shared by the ops that write the paged cache in place (append, compaction): pools
+    ``[num_pages, page_size, head_dim]`` of one float dtype, a page table ``[..., max_pages]`` and
+    contiguous ``lengths [...]`` with the same leading dims. Returns
+    ``(device, num_pages, page_size, head_dim, leading dims)``."""
+    tensor("k_pages", k_pages, ndim=3, dtypes=FLOAT_DTYPES, last_contiguous=True)
+    dev = k_pages.device
+    tensor("v_pages", v_pages, ndim=3, dtypes=(k_pages.dtype,), device=dev, last_contiguous=True)
+    shape("v_pages", v_pages, list(k_pages.shape), "(same as k_pages)")
+    num_pages, page_size, head_dim = k_pages.shape
+    tensor("page_table", page_table_, dtypes=INDEX_DTYPES, device=dev)
+    if page_table_.dim() < 1:
+        raise ValueError(f"page_table must be [..., max_pages], got shape {list(page_table_.shape)}")
+    lead = list(page_table_.shape[:-1])
+    tensor("lengths", lengths, dtypes=INDEX_DTYPES, device=dev)
+    shape("lengths", lengths, lead, "(the leading dims of page_table)")
+    if not lengths.is_contiguous():
+        raise ValueError("lengths must be contiguous (it is updated in place)")
+    return dev, num_pages, page_size, head_dim, lead
+
+
 def page_table(name: str, table: torch.Tensor, num_pages: int, lengths: torch.Tensor | None, page_size: int) -> None:
     """Data checks of a page table: every page that holds a token of its row lies in
     ``[0, num_pages)``, lengths are in ``[0, max_pages * page_size]``. Reads values, so callers run

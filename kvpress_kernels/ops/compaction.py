@@ -325,19 +325,7 @@ def compact_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Ten
     (ordering and range of ``kept_idx``, page indices) read the device, so on CUDA they run only with
     ``KVPRESS_KERNELS_DEBUG=1``; the Triton and CUDA paths never sync the host.
     """
-    V.tensor("k_pages", k_pages, ndim=3, dtypes=V.FLOAT_DTYPES, last_contiguous=True)
-    dev = k_pages.device
-    V.tensor("v_pages", v_pages, ndim=3, dtypes=(k_pages.dtype,), device=dev, last_contiguous=True)
-    V.shape("v_pages", v_pages, list(k_pages.shape), "(same as k_pages)")
-    num_pages, page_size, _ = k_pages.shape
-    V.tensor("page_table", page_table, dtypes=V.INDEX_DTYPES, device=dev)
-    if page_table.dim() < 1:
-        raise ValueError(f"page_table must be [..., max_pages], got shape {list(page_table.shape)}")
-    lead = list(page_table.shape[:-1])
-    V.tensor("lengths", lengths, dtypes=V.INDEX_DTYPES, device=dev)
-    V.shape("lengths", lengths, lead, "(the leading dims of page_table)")
-    if not lengths.is_contiguous():
-        raise ValueError("lengths must be contiguous (it is updated in place)")
+    dev, num_pages, page_size, _, lead = V.paged_layout(k_pages, v_pages, page_table, lengths)
     V.tensor("kept_idx", kept_idx, dtypes=V.INDEX_DTYPES, device=dev)
     if kept_idx.dim() != len(lead) + 1:
         raise ValueError(f"kept_idx must be [{', '.join(map(str, lead + ['K']))}], got shape {list(kept_idx.shape)}")
