@@ -86,6 +86,18 @@ class PrefillInputs:
     lengths: torch.Tensor
     scale: float
     info: GenerationInfo
+    #: ``queries[:, :, i]`` is prompt token ``query_offset + i``: a host that keeps only the last prompt
+    #: queries (a serving engine saves the observation window) passes them with ``N - W`` here.
+    query_offset: int = 0
+
+    def query_rows(self, sel: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Queries of prompt tokens ``[start, end)`` of the sequences ``sel``: ``[len(sel), Hq, end - start, D]``,
+        contiguous. A ``ValueError`` when the host did not keep them (``start < query_offset``)."""
+        if start < self.query_offset:
+            raise ValueError(f"this method needs the queries of prompt tokens {start}..{end - 1}, but only those "
+                             f"from token {self.query_offset} on were given: save a longer query window")
+        off = self.query_offset
+        return self.queries.index_select(0, sel)[:, :, start - off:end - off].contiguous()
 
 
 @dataclass

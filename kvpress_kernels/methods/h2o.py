@@ -68,7 +68,7 @@ class H2O(CompressionMethod):
 
         def score(idx, n, w):
             sel = to_device(idx, dev, torch.long)
-            q = inputs.queries.index_select(0, sel)[:, :, :n].contiguous()
+            q = inputs.query_rows(sel, 0, n)
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="group_sum", backend=info.backend)
 
@@ -149,7 +149,7 @@ class TOVA(CompressionMethod):
 
         def score(idx, n, w):
             sel = to_device(idx, dev, torch.long)
-            q = inputs.queries.index_select(0, sel)[:, :, n - 1:n].contiguous()
+            q = inputs.query_rows(sel, n - 1, n)
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
 

@@ -139,7 +139,7 @@ class ShotKV(CompressionMethod):
 
         def score(idx, n, w):
             sel = to_device(idx, dev, torch.long)
-            q = inputs.queries.index_select(0, sel)[:, :, n - w:n].contiguous()
+            q = inputs.query_rows(sel, n - w, n)
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
 

@@ -62,7 +62,7 @@ class SnapKV(CompressionMethod):
 
         def score(idx, n, w):
             sel = to_device(idx, inputs.keys.device, torch.long)
-            q = inputs.queries.index_select(0, sel)[:, :, n - w:n].contiguous()
+            q = inputs.query_rows(sel, n - w, n)
             k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce=head_reduce, pool=pool,
                                   pool_size=self.kernel_size, pool_end=n - w, backend=backend)
