@@ -413,3 +413,54 @@ def test_opcheck_and_launch_config():
                           test_utils=("test_schema", "test_faketensor"))
     cfg = block_compact_launch_config(16, 32, 32, 16384)  # bf16 D=128 as int64 bits
     assert cfg == dict(BLOCK_SIZE=16, BLOCK_K=128, BLOCK_D=32, LOG_K=15, EVEN_D=True)
+
+
+def test_compile_fullgraph():
+    """torch.compile sees one opaque mutating op (no graph break); results unchanged."""
+    kv, k, v, table, kept, n = _good()
+    want_k, want_v = naive_expected(k, v, table, kept, n)
+
+    def f(k, v, t, kept):
+        block_compact_(k, v, t, kept, n, backend="reference")
+
+    torch.compile(f, fullgraph=True, backend="aot_eager")(k, v, table, kept)
+    assert_bits_equal(k, want_k, "compiled k")
+    assert_bits_equal(v, want_v, "compiled v")
+
+
+# ----------------------------------------------------- the layouts docs/ENGINES.md maps to other engines
+
+def test_tensorrt_llm_packed_pool_layout():
+    """TensorRT-LLM's primary pool packs every layer in a block; get_buffers(layer) is
+    [num_blocks, 2, tokens_per_block, kv_heads, head_dim], a strided view ("flashinfer" layout)."""
+    L, nb, tpb, H, D, n, K = 3, 6, 16, 2, 16, 80, 33
+    pool = torch.randn(nb, L, 2, tpb, H, D)
+    before = pool.clone()
+    table = random_table(nb, n, tpb)
+    kept = random_kept(H, n, K, False)
+    k, v = kv_cache_views(pool[:, 1], "flashinfer")
+    want_k, want_v = naive_expected(k, v, table, kept, n)
+    block_compact_(k, v, table, kept, n)
+    assert_bits_equal(k, want_k, "K")
+    assert_bits_equal(v, want_v, "V")
+    assert_bits_equal(pool[:, 0], before[:, 0], "layer 0 untouched")
+    assert_bits_equal(pool[:, 2], before[:, 2], "layer 2 untouched")
+
+
+def test_sglang_paged_token_pool_mapping():
+    """SGLang: k_buffer [num_slots, kv_heads, head_dim] per layer, req_to_token maps token -> slot; with
+    a paged allocator the block table is req_to_token[::page_size] // page_size."""
+    ps, pages, H, D, n, K = 8, 12, 2, 16, 70, 21
+    k_buf, v_buf = torch.randn(pages * ps, H, D), torch.randn(pages * ps, H, D)
+    page_ids = torch.randperm(pages)[:-(-n // ps)]
+    req_to_token = (page_ids.repeat_interleave(ps) * ps + torch.arange(ps).repeat(len(page_ids)))[:n]
+    kept = random_kept(H, n, K, False)
+    k, v = k_buf.view(pages, ps, H, D), v_buf.view(pages, ps, H, D)
+    table = (req_to_token[::ps] // ps).to(torch.int32)
+    dense_k = k_buf[req_to_token].transpose(0, 1).clone()  # [H, n, D] in token order
+    block_compact_(k, v, table, kept, n)
+    after = k_buf[req_to_token[:K]].transpose(0, 1)
+    for h in range(H):
+        got = sorted(map(tuple, bits(after[h]).tolist()))
+        exp = sorted(map(tuple, bits(dense_k[h, kept[h].long()]).tolist()))
+        assert got == exp, f"head {h}"
