@@ -12,7 +12,7 @@ from kvpress_kernels import ChunkKV, H2O, KNorm, PyramidKV, ShotKV, SnapKV, Stre
 from kvpress_kernels.engines import compress_request, kv_cache_views, query_window_tokens
 from kvpress_kernels.methods.base import GenerationInfo, PrefillInputs
 from kvpress_kernels.ops.block_compaction import (block_attention_mass, block_compact_, block_compact_launch_config,
-                                                  freed_block_range, gather_block_tokens)
+                                                  block_gather_, freed_block_range, gather_block_tokens)
 from kvpress_kernels.ops.compaction import compact_
 from kvpress_kernels.ops.scoring import attention_mass
 from kvpress_kernels.ops.selection import select_topk
@@ -464,3 +464,78 @@ def test_sglang_paged_token_pool_mapping():
         got = sorted(map(tuple, bits(after[h]).tolist()))
         exp = sorted(map(tuple, bits(dense_k[h, kept[h].long()]).tolist()))
         assert got == exp, f"head {h}"
+
+
+# ------------------------------------------------------------------- private destination (block_gather_)
+
+def split_tables(nb, n, K, bs, gen=None):
+    """A source row for n tokens and a disjoint destination row for K tokens."""
+    need_s, need_d = -(-n // bs), -(-K // bs)
+    ids = torch.randperm(nb, generator=gen).to(torch.int32)
+    return ids[:need_s], ids[need_s:need_s + need_d]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("layout,order,shared,dtype", [("flash_attn", "HND", False, torch.float16),
+                                                       ("flashinfer", "NHD", True, torch.float32)])
+def test_block_gather_bit_exact(layout, order, shared, dtype, backend):
+    dev = TRITON_DEV if backend == "triton" else "cpu"
+    nb, bs, H, D, n, K = 14, 16, 3, 16, 101, 45
+    gen = torch.Generator().manual_seed(3)
+    kv = vllm_alloc(layout, nb, bs, H, D, dtype, order, device=dev)
+    k, v = kv_cache_views(kv, layout)
+    src, dst = (t.to(dev) for t in split_tables(nb, n, K, bs, gen))
+    kept = random_kept(H, n, K, shared, gen=gen).to(dev)
+    want = [c.clone().cpu() for c in (k, v)]
+    for w in want:  # expected: destination slot j of head h = source slot kept[h, j]; nothing else changes
+        for h in range(H):
+            for j, a in enumerate(kept[min(h, kept.shape[0] - 1)].tolist()):
+                w[int(dst[j // bs]), j % bs, h] = w[int(src[a // bs]), a % bs, h]
+    block_gather_(k, v, src, kept, n, dst, backend=backend)
+    assert_bits_equal(k.cpu(), want[0], "k_cache")
+    assert_bits_equal(v.cpu(), want[1], "v_cache")
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda a: a.update(dst=a["dst"][:1]), "at least"),
+    (lambda a: a["dst"].__setitem__(0, a["src"][2]), "shares blocks"),
+    (lambda a: a["dst"].__setitem__(1, a["dst"][0]), "twice"),
+    (lambda a: a["dst"].__setitem__(0, 99), "outside"),
+])
+def test_block_gather_rejects_bad_destinations(mutate, match):
+    nb, bs, H, D, n, K = 12, 16, 2, 16, 70, 40
+    kv = vllm_alloc("flash_attn", nb, bs, H, D, torch.float32)
+    k, v = kv_cache_views(kv, "flash_attn")
+    src, dst = split_tables(nb, n, K, bs)
+    args = dict(src=src, dst=dst.clone())
+    mutate(args)
+    before = kv.clone()
+    with pytest.raises(ValueError, match=match):
+        block_gather_(k, v, args["src"], random_kept(H, n, K, False), n, args["dst"])
+    assert_bits_equal(kv, before, "cache after a rejected call")
+
+
+def test_compress_request_private_destination():
+    L, nb, bs, H, D, n, W = 2, 16, 16, 2, 16, 90, 8
+    caches = [vllm_alloc("flash_attn", nb, bs, H, D, torch.float32, "HND") for _ in range(L)]
+    src, dst = split_tables(nb, n, n, bs)
+    q = torch.randn(L, W, H, D)
+    dense = [[gather_block_tokens(c, src, n) for c in kv_cache_views(t, "flash_attn")] for t in caches]
+    res = compress_request(caches, src, n, SnapKV(0.4, window_size=W), queries=q, destination_block_table=dst)
+    K = res.num_tokens
+    assert res.freed_block_range == (0, -(-n // bs)) and torch.equal(res.freed_block_ids, src)
+    for i, t in enumerate(caches):
+        for c, d in zip(kv_cache_views(t, "flash_attn"), dense[i]):
+            got = gather_block_tokens(c, dst, K)
+            for h in range(H):  # in position order
+                assert_bits_equal(got[h], d[h, res.kept_tokens[i][h].long()], f"layer {i} head {h}")
+            assert_bits_equal(gather_block_tokens(c, src, n), d, f"layer {i}: sources untouched")
+
+
+def test_opcheck_block_gather():
+    nb, bs, H, D, n, K = 12, 16, 2, 16, 70, 40
+    k, v = kv_cache_views(vllm_alloc("flash_attn", nb, bs, H, D, torch.float32), "flash_attn")
+    src, dst = split_tables(nb, n, K, bs)
+    torch.library.opcheck(torch.ops.kvpress_kernels.block_gather_.default,
+                          (k, v, src, dst, random_kept(H, n, K, False), "reference"),
+                          test_utils=("test_schema", "test_faketensor"))

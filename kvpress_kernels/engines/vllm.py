@@ -34,7 +34,8 @@ import torch
 
 from .. import _validate as V
 from ..methods.base import CompressionMethod, GenerationInfo, PrefillInputs
-from ..ops.block_compaction import block_compact_, check_block_layout, freed_block_range, gather_block_tokens
+from ..ops.block_compaction import (block_compact_, block_gather_, blocks_for, check_block_layout,
+                                    check_gather_destination, freed_block_range, gather_block_tokens)
 
 #: Accepted ``layout`` names: the engine tensor of one layer and how K and V sit in it.
 KV_LAYOUTS = {
@@ -102,12 +103,14 @@ class RequestCompression:
     per_layer_num_tokens : tuple of int
         Slots per layer (all equal unless ``layer_lengths="per_layer"``).
     freed_block_range : (start, end)
-        ``block_table[start:end]`` no longer holds a token of any layer: return those blocks to the pool.
+        ``block_table[start:end]`` no longer holds a token of any layer: return those blocks to the pool
+        (with a ``destination_block_table``: every source block in use).
     freed_block_ids : Tensor ``[end - start]``
         Those block ids (a copy, on the block table's device; no host sync).
     kept_tokens : list of Tensor ``[kv_heads, K_l]`` int32 or None
         Per layer, the token indices (logical positions) each head kept, ascending; ``None``: kept all.
-        After compaction slot ``j < K_l`` holds one of them, not in position order.
+        After compaction slot ``j < K_l`` holds one of them, not in position order (in position order
+        with a ``destination_block_table``).
     """
 
     num_tokens: int
@@ -147,7 +150,7 @@ def compress_request(kv_caches: Sequence, block_table: torch.Tensor, num_tokens:
                      queries: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None, layout: str = "flash_attn",
                      num_heads: Optional[int] = None, scale: Optional[float] = None,
                      shots: Optional[Sequence[Tuple[int, int]]] = None, layer_lengths: str = "equal",
-                     backend: Optional[str] = None) -> RequestCompression:
+                     destination_block_table: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> RequestCompression:
     """Compress one request's prefilled KV cache in the engine's own tensors, in place.
 
     Runs ``method``'s prefill policy on every layer (the one method layer, DESIGN.md §7), then moves each
@@ -184,6 +187,13 @@ def compress_request(kv_caches: Sequence, block_table: torch.Tensor, num_tokens:
         most recent evicted tokens (every token the method chose is kept; the extra ones are the latest
         positions); ``"per_layer"`` keeps the method's counts (for engines with per-layer lengths, e.g.
         vllm-ascend's ``per_layer_physical_num_tokens``); blocks are freed beyond the longest layer.
+    destination_block_table : Tensor ``[max_dst_blocks]``, optional
+        Private-destination mode (vllm-ascend's ``requires_private_destination``): instead of compacting
+        in place, copy each layer's kept tokens, in position order, into these fresh blocks (disjoint from
+        the request's blocks in use) with :func:`~kvpress_kernels.ops.block_compaction.block_gather_`;
+        the source blocks are only read. The request's new row is
+        ``destination_block_table[:ceil(num_tokens / block_size)]`` and every source block in use is
+        reported freed.
     backend : {"reference", "triton"}, optional
 
     Returns
@@ -270,12 +280,21 @@ def compress_request(kv_caches: Sequence, block_table: torch.Tensor, num_tokens:
             kept = [pad_recent(kt, N, target) if kt is not None and n < target else kt for kt, n in zip(kept, counts)]
             counts = [target] * L
 
-    # Pass 2: move the kept tokens into the holes, layer by layer.
-    for (k, v), kt in zip(views, kept):
-        if kt is not None:
-            block_compact_(k, v, block_table, kt, N, backend=backend)
     new_tokens = max(counts)
-    start, end = freed_block_range(N, new_tokens, bs)
+    if destination_block_table is not None:
+        # Pass 2 (private destination): gather every layer's kept tokens into the fresh blocks.
+        check_gather_destination(destination_block_table, block_table, N, new_tokens, nb, bs)  # before any write
+        every = torch.arange(N, device=dev, dtype=torch.int32).view(1, N)
+        for (k, v), kt in zip(views, kept):
+            block_gather_(k, v, block_table, every if kt is None else kt, N, destination_block_table,
+                          backend=backend)
+        start, end = 0, blocks_for(N, bs)
+    else:
+        # Pass 2: move the kept tokens into the holes, layer by layer.
+        for (k, v), kt in zip(views, kept):
+            if kt is not None:
+                block_compact_(k, v, block_table, kt, N, backend=backend)
+        start, end = freed_block_range(N, new_tokens, bs)
     return RequestCompression(num_tokens=new_tokens, per_layer_num_tokens=tuple(counts),
                               freed_block_range=(start, end), freed_block_ids=block_table[start:end].clone(),
                               kept_tokens=kept)

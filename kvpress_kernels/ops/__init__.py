@@ -4,7 +4,7 @@ validating function that dispatches between backends. Importing this package reg
 ``torch.ops.kvpress_kernels.*`` op."""
 
 from .append import append_, append_ref
-from .block_compaction import block_attention_mass, block_compact_, block_compact_ref
+from .block_compaction import block_attention_mass, block_compact_, block_compact_ref, block_gather_, block_gather_ref
 from .compaction import compact_, compact_ref, compaction_plan_ref
 from .decode_attention import default_num_splits, paged_decode_attention, paged_decode_attention_ref
 from .scoring import (attention_lse, attention_lse_ref, attention_mass, attention_mass_paged,
@@ -14,7 +14,7 @@ from .selection import select_segments, select_segments_ref, select_topk, select
 
 __all__ = [
     "append_", "append_ref",
-    "block_compact_", "block_compact_ref", "block_attention_mass",
+    "block_compact_", "block_compact_ref", "block_gather_", "block_gather_ref", "block_attention_mass",
     "compact_", "compact_ref", "compaction_plan_ref",
     "paged_decode_attention", "paged_decode_attention_ref", "default_num_splits",
     "attention_lse", "attention_lse_ref", "attention_mass", "attention_mass_ref",

@@ -30,6 +30,13 @@ hole ``i`` is ``i + #{j < c : a_j - j <= i}`` (``a_j - j`` is non-decreasing), a
 search. K and V rows are moved as raw bits (the widest integer view the strides allow), bit-exact
 in every backend. No program reads what another writes, no host sync.
 
+Gather into fresh blocks (:func:`block_gather_`, the "private destination" mode of engine plugins such
+as vllm-ascend-kvcompress): slot ``j < K`` of the destination row receives kept slot ``a_j`` of the
+source row, per head, in position order; the source blocks are not written (the engine releases them
+afterwards). Destination blocks must be disjoint from the source blocks in use, so the copies are
+independent: one program per (kv head, tile of ``BLOCK_K`` kept entries), kernel
+``_block_gather_kernel``.
+
 Scoring (:func:`block_attention_mass`): the paged scoring kernels of
 :mod:`kvpress_kernels.ops.scoring` read the engine's K cache in place through a *virtual page
 pool*. Token ``(block b, slot s, head h)`` sits at element offset ``b*S_b + s*S_s + h*S_h``. With
@@ -91,6 +98,20 @@ def block_compact_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table:
     sb, so = table[src // bs], src % bs
     db, do = table[dst // bs], dst % bs
     # Sources and destinations are disjoint: gather everything, then scatter.
+    k_cache[db, do, head] = k_cache[sb, so, head]
+    v_cache[db, do, head] = v_cache[sb, so, head]
+
+
+def block_gather_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, src_table: torch.Tensor, dst_table: torch.Tensor,
+                     kept_idx: torch.Tensor) -> None:
+    """Reference of :func:`block_gather_` (plain PyTorch, any device, no checks)."""
+    H, bs = k_cache.shape[2], k_cache.shape[1]
+    K = kept_idx.shape[1]
+    src = kept_idx.expand(H, K).long()                                   # [H, K]
+    dst = torch.arange(K, device=kept_idx.device).expand(H, K)
+    head = torch.arange(H, device=kept_idx.device).view(H, 1).expand(H, K)
+    sb, so = src_table.long()[src // bs], src % bs
+    db, do = dst_table.long()[dst // bs], dst % bs
     k_cache[db, do, head] = k_cache[sb, so, head]
     v_cache[db, do, head] = v_cache[sb, so, head]
 
@@ -175,6 +196,44 @@ if triton is not None:
                 tl.store(v_cache + v_dst + (d0 + d)[None, :], x, mask=md)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _block_gather_kernel(k_cache, v_cache, src_table, dst_table, kept,
+                             sk_blk, sk_slot, sk_head, sv_blk, sv_slot, sv_head, s_src, s_dst,
+                             s_kept_row, s_kept_col, K, DK, DV,
+                             BLOCK_SIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                             EVEN_D: tl.constexpr):
+        head = tl.program_id(0).to(tl.int64)
+        m = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        live = m < K
+        mm = m.to(tl.int64)
+        src = tl.load(kept + head * s_kept_row + mm * s_kept_col, mask=live, other=0).to(tl.int64)
+        sb = tl.load(src_table + (src // BLOCK_SIZE) * s_src, mask=live, other=0).to(tl.int64)
+        db = tl.load(dst_table + (mm // BLOCK_SIZE) * s_dst, mask=live, other=0).to(tl.int64)
+        so = src % BLOCK_SIZE
+        do = mm % BLOCK_SIZE
+        d = tl.arange(0, BLOCK_D)
+        k_src = (sb * sk_blk + so * sk_slot + head * sk_head)[:, None]
+        k_dst = (db * sk_blk + do * sk_slot + head * sk_head)[:, None]
+        for d0 in range(0, DK, BLOCK_D):
+            if EVEN_D:  # a mask constant along d lets the compiler emit 16-byte vector moves
+                md = live[:, None] & (d < BLOCK_D)[None, :]
+            else:
+                md = live[:, None] & ((d0 + d) < DK)[None, :]
+            x = tl.load(k_cache + k_src + (d0 + d)[None, :], mask=md)
+            tl.store(k_cache + k_dst + (d0 + d)[None, :], x, mask=md)
+        v_src = (sb * sv_blk + so * sv_slot + head * sv_head)[:, None]
+        v_dst = (db * sv_blk + do * sv_slot + head * sv_head)[:, None]
+        for d0 in range(0, DV, BLOCK_D):
+            if EVEN_D:
+                md = live[:, None] & (d < BLOCK_D)[None, :]
+            else:
+                md = live[:, None] & ((d0 + d) < DV)[None, :]
+            x = tl.load(v_cache + v_src + (d0 + d)[None, :], mask=md)
+            tl.store(v_cache + v_dst + (d0 + d)[None, :], x, mask=md)
+
+
 def block_compact_launch_config(block_size: int, head_dim_k: int, head_dim_v: int, K: int) -> dict:
     """Constexpr parameters the launcher passes to ``_block_compact_kernel`` (``head_dim_*`` counted in
     elements of the raw-bits view, e.g. 128 bf16 dims = 32 int64 elements). The same rule on CPU and
@@ -199,6 +258,35 @@ def _block_compact_triton(k_cache, v_cache, block_table, kept_idx, num_tokens: i
         kb, vb, block_table, kept_idx,
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), block_table.stride(0),
         s_row, kept_idx.stride(1), K, dk, dv, **cfg)
+
+
+def _block_gather_triton(k_cache, v_cache, src_table, dst_table, kept_idx) -> None:
+    H, K = k_cache.shape[2], kept_idx.shape[1]
+    if K == 0 or H == 0:
+        return
+    kb, vb = _wide_bits(k_cache), _wide_bits(v_cache)
+    dk, dv = kb.shape[-1], vb.shape[-1]
+    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K)
+    del cfg["LOG_K"]  # no search in the gather
+    s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
+    _block_gather_kernel[(H, triton.cdiv(K, cfg["BLOCK_K"]))](
+        kb, vb, src_table, dst_table, kept_idx,
+        kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2),
+        src_table.stride(0), dst_table.stride(0), s_row, kept_idx.stride(1), K, dk, dv, **cfg)
+
+
+@torch.library.custom_op("kvpress_kernels::block_gather_", mutates_args=("k_cache", "v_cache"))
+def _block_gather_op(k_cache: torch.Tensor, v_cache: torch.Tensor, src_table: torch.Tensor, dst_table: torch.Tensor,
+                     kept_idx: torch.Tensor, backend: str) -> None:
+    if backend == "triton":
+        _block_gather_triton(k_cache, v_cache, src_table, dst_table, kept_idx)
+    else:
+        block_gather_ref(k_cache, v_cache, src_table, dst_table, kept_idx)
+
+
+@_block_gather_op.register_fake
+def _(k_cache, v_cache, src_table, dst_table, kept_idx, backend) -> None:
+    return None
 
 
 @torch.library.custom_op("kvpress_kernels::block_compact_", mutates_args=("k_cache", "v_cache"))
@@ -304,6 +392,51 @@ def block_compact_(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: to
     return freed_block_range(num_tokens, kept_idx.shape[1], bs)
 
 
+def check_gather_destination(dst_block_table, block_table, num_tokens: int, K: int, num_blocks: int,
+                             block_size: int) -> None:
+    """Checks of a private destination row for :func:`block_gather_` of ``K`` tokens per head."""
+    dev, nb, bs = block_table.device, num_blocks, block_size
+    V.tensor("dst_block_table", dst_block_table, ndim=1, dtypes=V.INDEX_DTYPES, device=dev)
+    need = blocks_for(K, bs)
+    if dst_block_table.shape[0] < need:
+        raise ValueError(f"dst_block_table must hold at least ceil(K / block_size) = {need} blocks for K={K}, "
+                         f"got {dst_block_table.shape[0]}")
+    if wants_data_checks(dst_block_table) and need:
+        dst = dst_block_table[:need].long()
+        if int(dst.min()) < 0 or int(dst.max()) >= nb:
+            raise ValueError(f"dst_block_table holds block ids outside [0, {nb}): min {int(dst.min())}, "
+                             f"max {int(dst.max())}")
+        if torch.unique(dst).numel() != need:
+            raise ValueError("dst_block_table lists one block twice among the blocks it needs")
+        src = block_table[:blocks_for(num_tokens, bs)].long()
+        if bool(torch.isin(dst, src).any()):
+            raise ValueError("dst_block_table shares blocks with the source blocks in use (block_table); a private "
+                             "destination must be disjoint from them (compact in place with block_compact_ instead)")
+
+
+def block_gather_(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, kept_idx: torch.Tensor,
+                  num_tokens: int, dst_block_table: torch.Tensor, *, backend: Optional[str] = None) -> None:
+    """Copy, per kv head, the kept slots of a request into fresh destination blocks, densely and in
+    position order: destination slot ``j`` of head ``h`` receives source slot ``kept_idx[h, j]``.
+    The source blocks are read only; the engine releases them afterwards.
+
+    Parameters
+    ----------
+    k_cache, v_cache, block_table, kept_idx, num_tokens, backend
+        As in :func:`block_compact_` (``block_table`` is the source row).
+    dst_block_table : Tensor ``[max_dst_blocks]``, int32/int64
+        The destination row: at least ``ceil(K / block_size)`` distinct blocks, none of them among the
+        source blocks in use (``block_table[:ceil(num_tokens / block_size)]``).
+
+    Raises ``TypeError``/``ValueError`` naming the argument; nothing is written then.
+    """
+    dev, nb, bs, H, num_tokens = check_block_layout(k_cache, v_cache, block_table, num_tokens)
+    _check_kept(kept_idx, H, num_tokens, dev)
+    check_gather_destination(dst_block_table, block_table, num_tokens, kept_idx.shape[1], nb, bs)
+    b = resolve_backend("block_gather", backend, dev, has=("reference", "triton"))
+    torch.ops.kvpress_kernels.block_gather_(k_cache, v_cache, block_table, dst_block_table, kept_idx, b)
+
+
 def block_virtual_pages(k_cache: torch.Tensor, block_table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The paged-cache view of a block-layout cache (module docstring): ``(pages, page_table)`` with
     ``pages [P, block_size, head_dim]`` a strided view of ``k_cache`` (no copy) and
@@ -356,6 +489,6 @@ def block_attention_mass(q: torch.Tensor, k_cache: torch.Tensor, block_table: to
                                 backend=backend)
 
 
-__all__ = ["block_compact_", "block_compact_ref", "block_attention_mass", "block_virtual_pages",
-           "gather_block_tokens", "freed_block_range", "blocks_for", "check_block_layout",
+__all__ = ["block_compact_", "block_compact_ref", "block_gather_", "block_gather_ref", "block_attention_mass",
+           "block_virtual_pages", "gather_block_tokens", "freed_block_range", "blocks_for", "check_block_layout",
            "block_compact_launch_config"]
