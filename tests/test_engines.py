@@ -12,7 +12,7 @@ from kvpress_kernels import ChunkKV, H2O, KNorm, PyramidKV, ShotKV, SnapKV, Stre
 from kvpress_kernels.engines import compress_request, kv_cache_views, query_window_tokens
 from kvpress_kernels.methods.base import GenerationInfo, PrefillInputs
 from kvpress_kernels.ops.block_compaction import (block_attention_mass, block_compact_, block_compact_launch_config,
-                                                  block_gather_, freed_block_range, gather_block_tokens)
+                                                  block_gather_, freed_block_range, gather_block_tokens, raw_bits)
 from kvpress_kernels.ops.compaction import compact_
 from kvpress_kernels.ops.scoring import attention_mass
 from kvpress_kernels.ops.selection import select_topk
@@ -411,8 +411,19 @@ def test_opcheck_and_launch_config():
     _, k, v, table, kept, n = _good()
     torch.library.opcheck(torch.ops.kvpress_kernels.block_compact_.default, (k, v, table, kept, n, "reference"),
                           test_utils=("test_schema", "test_faketensor"))
-    cfg = block_compact_launch_config(16, 32, 32, 16384)  # bf16 D=128 as int64 bits
-    assert cfg == dict(BLOCK_SIZE=16, BLOCK_K=128, BLOCK_D=32, LOG_K=15, EVEN_D=True)
+    # bf16 D=128 as int64 bits: 256-byte rows, 32 tokens = one 8 KiB tile, 4 warps
+    assert block_compact_launch_config(16, 32, 32, 16384, 8) == dict(BLOCK_SIZE=16, BLOCK_K=32, BLOCK_D=32, LOG_K=15,
+                                                                     EVEN_D=True, num_warps=4)
+    # one kept token: a one-warp tile still gives every thread a whole 16-byte vector
+    cfg = block_compact_launch_config(16, 32, 32, 1, 8)
+    assert cfg["num_warps"] == 1 and cfg["BLOCK_K"] * 256 >= 32 * 16
+    # D=96 fp16 as int32 (48 elements): a power-of-two block covering 16 bytes, no masked tail
+    cfg = block_compact_launch_config(16, 48, 48, 1000, 4)
+    assert cfg["EVEN_D"] and 48 % cfg["BLOCK_D"] == 0 and cfg["BLOCK_D"] * 4 >= 16
+    k96, _ = kv_cache_views(vllm_alloc("flash_attn", 4, 16, 2, 96, torch.float16), "flash_attn")
+    assert raw_bits(k96).dtype == torch.int32  # int64 rows (24 elements) would not be 16-divisible
+    k128, _ = kv_cache_views(vllm_alloc("flashinfer", 4, 16, 2, 128, torch.bfloat16, "HND"), "flashinfer")
+    assert raw_bits(k128).dtype == torch.int64
 
 
 def test_compile_fullgraph():

@@ -55,7 +55,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
-from .compaction import _wide_bits, compaction_plan_ref
+from .compaction import compaction_plan_ref
 from .scoring import attention_mass_paged
 
 try:
@@ -126,8 +126,33 @@ def gather_block_tokens(cache: torch.Tensor, block_table: torch.Tensor, num_toke
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel
+# Triton kernels
 # ---------------------------------------------------------------------------------------------
+
+#: Bytes of K (or V) one program moves per copy tile: 8 KiB over 4 warps is four 16-byte vectors per
+#: thread in flight and keeps addresses + data within ~64 registers (the compile check holds copy
+#: kernels to <= 128 registers; the 32 KiB tiles of the first paged compaction took 165-227).
+COPY_TILE_BYTES = 8192
+
+
+def raw_bits(t: torch.Tensor) -> torch.Tensor:
+    """An integer view of a float cache (at least its own width, at most 8 bytes) to move raw bits:
+    bit-exact in every backend (the interpreter mishandles bf16 arithmetic), wider elements mean
+    fewer, wider transactions. Among the legal views (``Tensor.view(dtype)`` checks sizes, strides and
+    offset), the widest whose outer strides are multiples of 16 elements wins: Triton marks such
+    strides divisible by 16, which lets it prove 16-byte alignment of every row."""
+    legal = []
+    for width, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8)):
+        if width < t.element_size():
+            break
+        try:
+            legal.append(t.view(dt))
+        except RuntimeError:
+            continue
+    for v in legal:
+        if all(st % 16 == 0 or sz == 1 for st, sz in zip(v.stride()[:-1], v.shape[:-1])):
+            return v
+    return legal[0]
 
 if triton is not None:
 
@@ -234,24 +259,37 @@ if triton is not None:
             tl.store(v_cache + v_dst + (d0 + d)[None, :], x, mask=md)
 
 
-def block_compact_launch_config(block_size: int, head_dim_k: int, head_dim_v: int, K: int) -> dict:
-    """Constexpr parameters the launcher passes to ``_block_compact_kernel`` (``head_dim_*`` counted in
-    elements of the raw-bits view, e.g. 128 bf16 dims = 32 int64 elements). The same rule on CPU and
-    GPU; exposed for the compile check."""
-    block_d = min(triton.next_power_of_2(max(head_dim_k, head_dim_v, 1)), 128)
-    # ~4K elements per copy tile: wide enough to keep loads in flight, small enough for registers.
-    block_k = max(16, min(128, 4096 // block_d))
+def block_compact_launch_config(block_size: int, head_dim_k: int, head_dim_v: int, K: int, elem_size: int) -> dict:
+    """Launch parameters of ``_block_compact_kernel`` / ``_block_gather_kernel`` (the gather ignores
+    ``LOG_K``): ``head_dim_*`` and ``elem_size`` are those of the raw-bits views (128 bf16 dims = 32 int64
+    elements of 8 bytes). The same rule on CPU and GPU; exposed for the compile check.
+
+    ``BLOCK_D`` covers a row in one step up to 256 bytes (``EVEN_D``: a mask constant along d, so the
+    compiler keeps 16-byte vectors); ``BLOCK_K`` tokens make an 8 KiB tile; a tile under 2 KiB (16
+    bytes per thread of 4 warps) gets one warp, so that threads still hold whole 16-byte vectors."""
+    dmax = max(head_dim_k, head_dim_v, 1)
+    block_d = min(triton.next_power_of_2(dmax), max(1, 256 // elem_size))
+    even = head_dim_k % block_d == 0 and head_dim_v % block_d == 0
+    if not even:
+        g = math.gcd(head_dim_k, head_dim_v)
+        p = g & -g
+        if p * elem_size >= 16:
+            block_d, even = min(p, block_d), True
+    row_bytes = block_d * elem_size
+    block_k = max(1, min(triton.next_power_of_2(max(K, 1)), COPY_TILE_BYTES // row_bytes))
+    num_warps = 4 if block_k * row_bytes >= 4 * 32 * 16 else 1
+    block_k = max(block_k, triton.cdiv(num_warps * 32 * 16, row_bytes))
     return dict(BLOCK_SIZE=int(block_size), BLOCK_K=block_k, BLOCK_D=block_d, LOG_K=int(K).bit_length(),
-                EVEN_D=(head_dim_k % block_d == 0 and head_dim_v % block_d == 0))
+                EVEN_D=even, num_warps=num_warps)
 
 
 def _block_compact_triton(k_cache, v_cache, block_table, kept_idx, num_tokens: int) -> None:
     H, K = k_cache.shape[2], kept_idx.shape[1]
     if K == 0 or H == 0:
         return
-    kb, vb = _wide_bits(k_cache), _wide_bits(v_cache)
+    kb, vb = raw_bits(k_cache), raw_bits(v_cache)
     dk, dv = kb.shape[-1], vb.shape[-1]
-    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K)
+    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K, max(kb.element_size(), vb.element_size()))
     n_tiles = triton.cdiv(K, cfg["BLOCK_K"])
     s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
     _block_compact_kernel[(H, n_tiles)](
@@ -264,9 +302,9 @@ def _block_gather_triton(k_cache, v_cache, src_table, dst_table, kept_idx) -> No
     H, K = k_cache.shape[2], kept_idx.shape[1]
     if K == 0 or H == 0:
         return
-    kb, vb = _wide_bits(k_cache), _wide_bits(v_cache)
+    kb, vb = raw_bits(k_cache), raw_bits(v_cache)
     dk, dv = kb.shape[-1], vb.shape[-1]
-    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K)
+    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K, max(kb.element_size(), vb.element_size()))
     del cfg["LOG_K"]  # no search in the gather
     s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
     _block_gather_kernel[(H, triton.cdiv(K, cfg["BLOCK_K"]))](
@@ -491,4 +529,4 @@ def block_attention_mass(q: torch.Tensor, k_cache: torch.Tensor, block_table: to
 
 __all__ = ["block_compact_", "block_compact_ref", "block_gather_", "block_gather_ref", "block_attention_mass",
            "block_virtual_pages", "gather_block_tokens", "freed_block_range", "blocks_for", "check_block_layout",
-           "block_compact_launch_config"]
+           "block_compact_launch_config", "raw_bits"]
