@@ -108,7 +108,7 @@ def select_head_budget_ref(scores: torch.Tensor, budget: Union[int, torch.Tensor
         K = min(N, max(int(bud.max()), 0)) if B else 0
     else:
         K = min(N, max(int(budget), 0))
-    lens = _head_lengths(lengths, B, H, N, dev)
+    lens = _head_lengths(lengths, B, H, N, dev).contiguous()
     prot = _protected(lens, N, sink, recent, protect)
     j = torch.arange(N, device=dev, dtype=torch.int64).view(1, 1, N)
     cand = (j < lens.unsqueeze(-1)) & ~prot
@@ -116,11 +116,11 @@ def select_head_budget_ref(scores: torch.Tensor, budget: Union[int, torch.Tensor
     low = torch.full_like(key, _I32_MIN - 1)  # below every int32 key: non-candidates sort last
     # tier 2: per head, the best unprotected tokens up to the floor
     need_f = (flo.unsqueeze(1).minimum(lens) - prot.sum(-1)).clamp(min=0)
-    fl = _topk_ranks(torch.where(cand, key, low).view(B * H, N), need_f.reshape(-1)).view(B, H, N) & cand
+    fl = _topk_ranks(torch.where(cand, key, low).reshape(B * H, N), need_f.reshape(-1)).view(B, H, N) & cand
     # tier 3: the rest of the budget over the union of the heads, head-major
     cand_u = cand & ~fl
     need_u = bud.clamp(min=0).minimum(lens.sum(1)) - (prot | fl).sum((1, 2))
-    un = _topk_ranks(torch.where(cand_u, key, low).view(B, H * N), need_u).view(B, H, N) & cand_u
+    un = _topk_ranks(torch.where(cand_u, key, low).reshape(B, H * N), need_u).view(B, H, N) & cand_u
     keep = prot | fl | un
     kept_len = keep.sum(-1).to(torch.int32)
     slot = keep.to(torch.int64).cumsum(-1) - 1
