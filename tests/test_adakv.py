@@ -366,3 +366,217 @@ def test_compile_fullgraph():
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, budgets, floors, lens, protect)
     assert_same(got, f(x, budgets, floors, lens, protect))
+
+
+# ------------------------------------------------------------------------------------------------
+# The AdaKV method
+# ------------------------------------------------------------------------------------------------
+
+def tiny_llama(Hq=4, Hkv=2, D=16, layers=2, seed=0, vocab=120):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
+                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                      # well-separated attention scores (no fp32 near-ties) and peaked logits
+                      initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def distinct_ids(batch, n, vocab=120, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(vocab - 3, generator=g)[:n] + 3 for _ in range(batch)])
+
+
+def test_method_parameters():
+    m = kk.AdaKV(0.3, alpha=0.25, window_size=8)
+    assert m.floor_tokens(40) == 10 and m.floor_tokens(3) == 1 and kk.AdaKV(0.3, alpha=0).floor_tokens(40) == 0
+    assert "alpha=0.25" in repr(m)
+    with pytest.raises(ValueError, match="alpha"):
+        kk.AdaKV(0.3, alpha=1.5)
+    with pytest.raises(TypeError, match="alpha"):
+        kk.AdaKV(0.3, alpha="0.2")
+    with pytest.raises(ValueError, match="keep_ratio"):
+        kk.AdaKV(0.0)
+
+
+@pytest.mark.parametrize("cfg", [(4, 2, 3), (4, 4, 2), (8, 2, 2)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("ratio,alpha", [(0.5, 0.2), (0.7, 0.2), (0.25, 0.5), (0.7, 0.0)])
+def test_parity_with_kvpress_adakv_snapkv(cfg, ratio, alpha):
+    """Layer by layer on the same inputs: kvpress's AdaKVPress(SnapKVPress) leaves unmasked exactly the
+    tokens our AdaKV keeps (kvpress only masks them; we compact them away)."""
+    import kvpress
+    from kvpress.utils import compute_n_kept
+    from kvpress_kernels.integrations.kvpress import _queries
+    from kvpress_kernels.methods import GenerationInfo, PrefillInputs
+
+    Hq, Hkv, layers = cfg
+    model = tiny_llama(Hq, Hkv, 16, layers=layers, seed=1)
+    B, N, W = 2, 60, 8
+    keep_ratio = 1 - ratio
+    assert compute_n_kept(N, ratio) == kk.methods.budget_tokens(keep_ratio, N)  # the same budget
+    ours = kk.AdaKV(keep_ratio, alpha=alpha, window_size=W, kernel_size=5)
+    ours.begin(GenerationInfo(layers, B, Hq, Hkv, 16, (N,) * B))
+    theirs = kvpress.AdaKVPress(kvpress.SnapKVPress(ratio, window_size=W, kernel_size=5), alpha_safeguard=alpha)
+    seen = []
+
+    def hook(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        keys, values, hs = layer.keys, layer.values, kwargs["hidden_states"]
+        theirs.compress(module, hs, keys, values, None, kwargs)
+        want = torch.ones(B, Hkv, N, dtype=torch.bool)
+        want[module.masked_key_indices] = False
+        module.masked_key_indices = None
+        q = _queries(module, hs, kwargs["position_embeddings"], N)
+        ev = ours.prefill(PrefillInputs(module.layer_idx, q, keys, values, torch.full((B,), N), module.scaling,
+                                        ours.info))
+        idx = ev.kept_idx.long()
+        # the -1 padding goes to a dump column N
+        got = torch.zeros(B, Hkv, N + 1, dtype=torch.bool).scatter_(2, torch.where(idx >= 0, idx, N), True)[..., :N]
+        seen.append((got, want))
+
+    handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        from transformers import DynamicCache
+        with torch.no_grad():
+            model(distinct_ids(B, N), past_key_values=DynamicCache())
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == layers
+    n = compute_n_kept(N, ratio)
+    spread = False
+    for layer, (got, want) in enumerate(seen):
+        assert torch.equal(got, want), f"layer {layer}: {int((got != want).sum())} tokens differ from kvpress"
+        per_head = got.sum(-1)
+        assert (per_head.sum(-1) == Hkv * n).all()
+        spread |= len(set(per_head.flatten().tolist())) > 1
+    assert spread, "heads all kept the same count: the test would not tell AdaKV from SnapKV"
+
+
+def test_alpha_one_is_snapkv():
+    """alpha = 1: every head's floor is the average, nothing is shared: SnapKV's kept sets."""
+    model = tiny_llama(4, 2, 16, layers=2, seed=2)
+    ids = distinct_ids(1, 40)
+    kept = []
+    for method in (kk.AdaKV(0.4, alpha=1.0, window_size=4), kk.SnapKV(0.4, window_size=4)):
+        with kk.compress(model, method, page_size=4) as s:
+            model.generate(ids, max_new_tokens=1, do_sample=False)
+        kept.append([s.cache.kv.gather(layer)[3] for layer in range(2)])
+    for a, b in zip(*kept):
+        assert torch.equal(a, b)
+
+
+_KEEP = {}
+
+
+def _kept_only_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Oracle attention: prefill is plain SDPA; a decoding step attends, in every kv head, only to the prompt
+    tokens that head kept (``_KEEP[layer]``: ``[B, Hkv, n]`` bool) and to every generated token."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    keep = _KEEP.get(module.layer_idx)
+    if keep is None or query.shape[2] == key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, Hq, T, D = query.shape
+    Hkv, n, S = key.shape[1], keep.shape[2], key.shape[2]
+    allow = torch.ones(B, Hkv, S, dtype=torch.bool)
+    allow[..., :n] = keep
+    G = Hq // Hkv
+    allow = allow.repeat_interleave(G, 1).unsqueeze(2).expand(B, Hq, T, S)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key.repeat_interleave(G, 1),
+                                                           value.repeat_interleave(G, 1), attn_mask=allow,
+                                                           scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("cfg", [(4, 2, 16), (8, 4, 8)], ids=lambda c: "x".join(map(str, c)))
+def test_generation_equals_attention_over_each_heads_kept_tokens(cfg):
+    """Per-head lengths on our paged cache: greedy generation and every step's logits equal stock
+    attention in which each kv head sees only its own kept prompt tokens (plus the generated ones)."""
+    from transformers import AttentionInterface
+    Hq, Hkv, D = cfg
+    model = tiny_llama(Hq, Hkv, D, layers=3, seed=3)
+    B, n, new = 2, 37, 4
+    ids = distinct_ids(B, n, seed=11)
+    with kk.compress(model, kk.AdaKV(0.3, alpha=0.2, window_size=4), page_size=4) as s:
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    kv = s.cache.kv
+    lengths = s.cache.lengths_after_prefill                                  # [L, B, Hkv]
+    budget = kk.methods.budget_tokens(0.3, n)
+    assert (lengths.sum(-1) == Hkv * budget).all()                            # the layer's shared budget
+    assert len(np.unique(lengths)) > 1                                        # heads really differ
+    for layer in range(3):
+        _, _, lens, pos = kv.gather(layer)
+        keep = torch.zeros(B, Hkv, n, dtype=torch.bool)
+        for b in range(B):
+            for h in range(Hkv):
+                p = pos[b, h, :lens[b, h]]
+                keep[b, h, p[p < n].long()] = True
+        assert torch.equal(keep.sum(-1), torch.as_tensor(lengths[layer]))   # prompt slots = after-prefill length
+        _KEEP[layer] = keep
+    AttentionInterface.register("adakv_kept_only", _kept_only_attention)
+    prev = model.config._attn_implementation
+    model.config._attn_implementation = "adakv_kept_only"
+    try:
+        want = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True)
+    finally:
+        model.config._attn_implementation = prev
+        _KEEP.clear()
+    assert torch.equal(out.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(out.scores, want.scores)):
+        # the first token comes from the uncompressed prefill; later ones from the per-head cache.
+        # fp32 attention summed in another order (paged reference vs SDPA): O(1) logits agree to ~1e-6
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_per_head_lengths_free_pages(batch):
+    """Bytes after prefill are exactly the pages of each (sequence, head)'s own length: a head that gave
+    up slots gave up pages, the pool took them back, and the total equals SnapKV's at the same budget
+    within a page per row."""
+    model = tiny_llama(4, 2, 16, layers=2, seed=4)
+    n, ps = 53, 4
+    ids = distinct_ids(batch, n, seed=5)
+    stats = {}
+    for name, method in (("adakv", kk.AdaKV(0.4, alpha=0.1, window_size=4)), ("snapkv", kk.SnapKV(0.4, window_size=4))):
+        with kk.compress(model, method, page_size=ps) as s:
+            model.generate(ids, max_new_tokens=2, do_sample=False)
+        kv = s.cache.kv
+        kv.check_invariants()
+        after = s.cache.lengths_after_prefill
+        assert s.stats["kv_bytes_after_prefill"] == int((-(-after // ps)).sum()) * kv.page_bytes
+        assert kv.pages_in_use() + kv.num_free_pages() == kv.num_pages
+        stats[name] = (after, s.stats)
+    a, sn = stats["adakv"][0], stats["snapkv"][0]
+    assert (a.sum(-1) == sn.sum(-1)).all() and (a != sn).any()
+    rows = a.size
+    diff = abs(stats["adakv"][1]["kv_bytes_after_prefill"] - stats["snapkv"][1]["kv_bytes_after_prefill"])
+    assert diff <= rows * kv.page_bytes
+    assert stats["adakv"][1]["kv_bytes_after_prefill"] < stats["adakv"][1]["kv_bytes_full"]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
+def test_method_triton_backend_equals_reference(device):
+    from kvpress_kernels.methods import GenerationInfo, PrefillInputs
+    g = torch.Generator().manual_seed(6)
+    B, Hq, Hkv, N, D = 2, 4, 2, 45, 16
+    q, k = torch.randn(B, Hq, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    lengths = (45, 31)
+    k[1, :, 31:] = 0
+    kept = []
+    for backend in ("reference", "triton"):
+        m = kk.AdaKV(0.3, alpha=0.2, window_size=6)
+        m.begin(GenerationInfo(1, B, Hq, Hkv, D, lengths, backend=backend, device=torch.device(device)))
+        ev = m.prefill(PrefillInputs(0, q.to(device), k.to(device), k.to(device), torch.tensor(lengths, device=device),
+                                     D ** -0.5, m.info))
+        kept.append(ev.kept_idx.cpu())
+    assert torch.equal(kept[0], kept[1])
+    counts = (kept[0] >= 0).sum(-1)
+    assert counts.sum(-1).tolist() == [Hkv * kk.methods.budget_tokens(0.3, n) for n in lengths]
