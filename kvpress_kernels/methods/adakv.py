@@ -13,7 +13,6 @@ from typing import Dict, Optional
 
 import torch
 
-from .. import _validate as V
 from ..ops.head_budget import select_head_budget
 from .base import Eviction, PrefillInputs, to_device
 from .snapkv import SnapKV
