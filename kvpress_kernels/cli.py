@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 PROG = "kvpress-kernels"
 
 #: Methods the ``eval`` and ``demo`` commands know (built by :func:`kvpress_kernels.evaluation.methods.build_method`).
-METHOD_NAMES = ("full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o")
+METHOD_NAMES = ("full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o",
+                "adakv")
 #: Benchmark scripts, in the order they run (``benchmarks/bench_<name>.py``).
 BENCH_NAMES = ("end_to_end", "scoring", "selection", "segments", "compaction", "append", "decode_attention")
 

@@ -87,6 +87,7 @@ def build_method(name: str, keep_ratio: float):
         "shotkv": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=1.0),
         "shotkv_decode": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=r),
         "snapkv": lambda r: M.SnapKV(keep_ratio=r),
+        "adakv": lambda r: M.AdaKV(keep_ratio=r),
         "pyramidkv": lambda r: M.PyramidKV(keep_ratio=r),
         "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
         "streamingllm": lambda r: M.StreamingLLM(keep_ratio=r),

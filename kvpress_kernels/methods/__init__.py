@@ -5,6 +5,7 @@ for every method's rules and the choices the papers leave open."""
 
 from .base import (CompressionMethod, DecodeInputs, Eviction, GenerationInfo, PrefillInputs,  # noqa: F401
                    budget_tokens)
+from .adakv import AdaKV
 from .chunkkv import ChunkKV
 from .h2o import H2O, TOVA
 from .shotkv import ShotKV
@@ -12,4 +13,4 @@ from .simple import KNorm, StreamingLLM
 from .snapkv import PyramidKV, SnapKV
 
 __all__ = ["CompressionMethod", "GenerationInfo", "PrefillInputs", "DecodeInputs", "Eviction", "budget_tokens",
-           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm"]
+           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm", "AdaKV"]
