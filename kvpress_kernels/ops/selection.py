@@ -341,7 +341,9 @@ def _select_segments_triton(seg_scores, seg_sizes, budgets, policy, protect):
     if protect is not None:
         # Protected segments sort last so the candidates form a prefix of the order.
         key = torch.where(protect, torch.full_like(key, _I32_MIN - 1), key)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    # torch.where / sort keep the layout of their inputs (a column-major protect gives a column-major
+    # order): the kernel reads a row of the order with unit stride.
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices.to(torch.int32).contiguous()
     sizes = seg_sizes if seg_sizes.dim() == 2 else seg_sizes.unsqueeze(0).expand(R, S)
     if sizes.stride(-1) != 1 and S > 1:
         sizes = sizes.contiguous()
