@@ -100,6 +100,8 @@ def paged_layout(k_pages, v_pages, page_table_, lengths) -> tuple[torch.device, 
     tensor("v_pages", v_pages, ndim=3, dtypes=(k_pages.dtype,), device=dev, last_contiguous=True)
     shape("v_pages", v_pages, list(k_pages.shape), "(same as k_pages)")
     num_pages, page_size, head_dim = k_pages.shape
+    writable("k_pages", k_pages)
+    writable("v_pages", v_pages)
     tensor("page_table", page_table_, dtypes=INDEX_DTYPES, device=dev)
     if page_table_.dim() < 1:
         raise ValueError(f"page_table must be [..., max_pages], got shape {list(page_table_.shape)}")
@@ -109,6 +111,28 @@ def paged_layout(k_pages, v_pages, page_table_, lengths) -> tuple[torch.device, 
     if not lengths.is_contiguous():
         raise ValueError("lengths must be contiguous (it is updated in place)")
     return dev, num_pages, page_size, head_dim, lead
+
+
+def writable(name: str, t: torch.Tensor) -> None:
+    """A tensor written in place must not be a broadcast (expanded) view: two of its elements would share
+    one memory location, so writes would race (Triton) or fail inside torch (reference)."""
+    if any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+        raise ValueError(f"{name} is written in place, so it must not be an expanded (stride-0) view, "
+                         f"got shape {list(t.shape)} with strides {list(t.stride())}")
+
+
+def distinct_pages(table: torch.Tensor, lengths: torch.Tensor, page_size: int, name: str = "page_table") -> None:
+    """Data check: the pages holding a row's first ``lengths`` tokens belong to that row only (DESIGN.md §4:
+    a page belongs to exactly one row), else two rows' writes or moves would hit one slot."""
+    max_pages = table.shape[-1]
+    if max_pages == 0 or lengths.numel() == 0:
+        return  # no page can hold a token
+    used = (lengths.reshape(-1).long() + page_size - 1) // page_size
+    live = torch.arange(max_pages, device=table.device).unsqueeze(0) < used.to(table.device).unsqueeze(1)
+    vals = table.reshape(-1, max_pages)[live]
+    if vals.numel() and torch.unique(vals).numel() != vals.numel():
+        raise ValueError(f"{name} gives one page to two rows (or twice to one row); every page that holds "
+                         "tokens must belong to exactly one row")
 
 
 def page_table(name: str, table: torch.Tensor, num_pages: int, lengths: torch.Tensor | None, page_size: int) -> None:

@@ -210,6 +210,7 @@ def append_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tens
                 f"lengths + counts exceeds the pages owned by a row (max_pages * page_size = "
                 f"{max_pages * page_size}); allocate pages first (PagedKVCache.reserve)")
         V.page_table("page_table", page_table, num_pages, new_len, page_size)
+        V.distinct_pages(page_table, new_len, page_size)
     b = resolve_backend("append", backend, dev, has=("reference", "triton"))
     torch.ops.kvpress_kernels.append_(k_pages, v_pages, page_table, lengths, k_new, v_new, counts,
                                       pos_pages, pos_new, b)

@@ -589,10 +589,11 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
     if lse is None:
         lse = _lse_triton(q, k, page_table, lens, n_out, scale, causal)
     else:
-        # A caller's -inf means "sees no key"; the reference shifts such rows by 0, so do we (else a
-        # visible key would get exp(s + inf) = inf). Rows that really see nothing are masked anyway.
         lse = lse.to(torch.float32)
-        lse = torch.where(lse == float("-inf"), torch.zeros((), device=dev), lse)
+    # lse = -inf: the row sees no key with a finite logit (none at all, or only -inf logits from an inf
+    # in q/k). The reference shifts such rows by 0, so do we: exp(-inf - 0) = 0, where exp(-inf + inf)
+    # would be NaN. Rows that see no key at all are masked in the kernel anyway.
+    lse = torch.where(lse == float("-inf"), torch.zeros((), device=dev), lse)
     if head_reduce == "none":
         reduce_code, h_out, out_scale = 0, Hq, 1.0
     else:

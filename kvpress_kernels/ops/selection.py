@@ -531,7 +531,7 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
     seg_scores : Tensor ``[R, S]``, float32/float16/bfloat16
         E.g. :func:`~kvpress_kernels.ops.segments.segment_reduce` output.
     seg_sizes : Tensor ``[S]`` or ``[R, S]``, int32/int64
-        Tokens per segment (``>= 0``).
+        Tokens per segment (``0 <= size < 2**31``).
     budget : int or Tensor ``[R]`` (int32/int64)
         Tokens to fill per row (``>= 0``). A budget larger than every segment together keeps all.
     policy : {"skip", "stop"}
@@ -564,8 +564,8 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
         V.tensor("protect", protect, ndim=2, dtypes=(torch.bool,), device=dev)
         V.shape("protect", protect, [R, S], "(like seg_scores)")
     if wants_data_checks(seg_scores) and R:
-        if seg_sizes.numel() and int(seg_sizes.min()) < 0:
-            raise ValueError(f"seg_sizes must be >= 0, got min {int(seg_sizes.min())}")
+        # sizes are token counts of one row (< 2**31), so sums over segments cannot overflow int64
+        V.values_in("seg_sizes", seg_sizes, low=0, high=2 ** 31 - 1, what="(tokens per segment)")
         bud = _budget_tensor(budget, R, dev)
         if int(bud.min()) < 0:
             r = int((bud < 0).nonzero()[0])
