@@ -30,6 +30,8 @@ unchanged when they do.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -38,7 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpress_kernels.cache import CacheFullError, PagedKVCache
-from kvpress_kernels.ops import attention_mass_paged, paged_decode_attention, select_topk
+from kvpress_kernels.ops import (append_, attention_mass_paged, compact_, paged_decode_attention, segment_reduce,
+                                 select_segments, select_topk)
 
 NAN = float("nan")
 
@@ -178,6 +181,66 @@ def dense_decode(model: CacheModel, layer: int, q: torch.Tensor, scale: float):
     return out, probs
 
 
+def malformed_call(data, cache: PagedKVCache, layer: int, backend: str, rand) -> None:
+    """A raw op (append_, compact_, paged_decode_attention) on the cache's own pools and layer view with
+    ONE per-row integer corrupted: a length, a count, a kept slot or a page-table entry in use, set to a
+    negative value or past its range. It must raise a ValueError naming that input and write nothing:
+    the pools and lengths stay bit for bit (the caller then checks the whole cache against the model)."""
+    table, lengths = (t.clone() for t in cache.layer_view(layer))
+    B, H, max_pages = table.shape
+    P, D = cache.page_size, cache.head_dim
+    b, h = data.draw(st.integers(0, B - 1), label="bad_seq"), data.draw(st.integers(0, H - 1), label="bad_head")
+    target = data.draw(st.sampled_from(["append_lengths", "append_counts", "compact_lengths", "compact_kept",
+                                        "decode_lengths", "page_table"]), label="bad_input")
+    M = int(lengths.max())
+    if target == "compact_kept" and M == 0 or target == "page_table" and int(lengths[b, h]) == 0:
+        target = "append_lengths"          # nothing to corrupt there: a row without slots / pages in use
+    kind = data.draw(st.sampled_from(["negative", "beyond"]), label="bad_kind")
+    low = data.draw(st.sampled_from([-1, -2, -(2 ** 31)]), label="negative_value")
+    cap = max_pages * P
+    counts = torch.full((B, H), 2, dtype=torch.int32, device=lengths.device)
+    kept = torch.arange(M, dtype=torch.int32, device=lengths.device).expand(B, H, M).clone()
+    kept[kept >= lengths.unsqueeze(-1)] = -1
+    if target.endswith("lengths"):
+        lengths[b, h] = low if kind == "negative" else data.draw(st.sampled_from([cap + 1, 2 ** 31 - 1]), label="hi")
+        name = "lengths"
+    elif target == "append_counts":
+        counts[b, h] = low if kind == "negative" else data.draw(st.sampled_from([3, 2 ** 31 - 1]), label="hi")
+        name = "counts"
+    elif target == "compact_kept":
+        kept[b, h, 0] = min(low, -2) if kind == "negative" else int(lengths[b, h]) + (M if M > 1 else 0)
+        name = "kept_idx"                  # -2: bad padding; beyond: past the row's length or out of order
+    else:
+        table[b, h, 0] = low if kind == "negative" else cache.k_pages.shape[0]
+        counts.zero_()                     # (an append that writes nothing still checks the pages in use)
+        name = "page_table"
+    before = [bits(cache.k_pages).clone(), bits(cache.v_pages).clone(), cache.pos_pages.clone(),
+              cache.lengths.clone(), cache.page_table.clone()]
+    debug = os.environ.get("KVPRESS_KERNELS_DEBUG")
+    os.environ["KVPRESS_KERNELS_DEBUG"] = "1"      # on CUDA the value checks run in debug mode only
+    try:
+        _malformed_raises(name, target, kind, cache, table, lengths, counts, kept, backend, rand, B, H, D)
+    finally:
+        if debug is None:
+            del os.environ["KVPRESS_KERNELS_DEBUG"]
+        else:
+            os.environ["KVPRESS_KERNELS_DEBUG"] = debug
+    after = [bits(cache.k_pages), bits(cache.v_pages), cache.pos_pages, cache.lengths, cache.page_table]
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), f"a rejected call ({target}, {kind}) wrote"
+
+
+def _malformed_raises(name, target, kind, cache, table, lengths, counts, kept, backend, rand, B, H, D):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        if target.startswith("append") or target == "page_table" and kind == "negative":
+            k = rand((B, H, 2, D)).to(cache.k_pages.device)
+            append_(cache.k_pages, cache.v_pages, table, lengths, k, k, counts=counts, backend=backend)
+        elif target.startswith("compact"):
+            compact_(cache.k_pages, cache.v_pages, table, lengths, kept, pos_pages=cache.pos_pages, backend=backend)
+        else:
+            q = rand((B, H, 1, D)).to(cache.k_pages.device)
+            paged_decode_attention(q, cache.k_pages, cache.v_pages, table, lengths, backend=backend)
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +286,7 @@ def run_interleaving(data, backend: str, max_steps: int, device: str = "cpu"):
         model.append(layer, k, v, counts)
 
     for _ in range(data.draw(st.integers(1, max_steps), label="steps")):
-        op = data.draw(st.sampled_from(["append", "append", "compress", "decode", "free"]), label="op")
+        op = data.draw(st.sampled_from(["append", "append", "compress", "decode", "free", "malformed"]), label="op")
         layer = data.draw(st.integers(0, L - 1), label="layer")
         if op == "append":
             T = data.draw(st.integers(0, 7), label="T")
@@ -232,6 +295,8 @@ def run_interleaving(data, backend: str, max_steps: int, device: str = "cpu"):
                                                   min_size=B, max_size=B), label="counts")) if ragged
                       else np.full((B, H), T))
             do_append(layer, counts, T)
+        elif op == "malformed":
+            malformed_call(data, cache, layer, backend, rand)
         elif op == "free":
             seq = data.draw(st.integers(0, B - 1), label="seq")
             cache.free_sequence(seq)
