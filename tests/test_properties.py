@@ -387,3 +387,107 @@ def test_interleavings_triton(device):
         run_interleaving(data, "triton", max_steps=10, device=device)
 
     run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Any memory layout, any values: Triton selection and segment ops equal the reference (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+def laid_out(data, t: torch.Tensor, label: str, layouts=LAYOUTS) -> torch.Tensor:
+    """``t`` in a drawn memory layout: contiguous, transposed storage (2-D and up), every stride doubled
+    with a storage offset, or rows broadcast from row 0 with stride 0 (this one changes the values, so
+    callers draw what depends on ``t`` after laying it out)."""
+    kind = data.draw(st.sampled_from(layouts), label=label)
+    if kind == "transposed" and t.dim() >= 2:
+        perm = list(reversed(range(t.dim())))
+        return t.permute(perm).contiguous().permute(perm)
+    if kind == "sliced" and t.numel():
+        big = torch.zeros([2 * n + 1 for n in t.shape], dtype=t.dtype, device=t.device)
+        v = big[tuple(slice(1, None, 2) for _ in t.shape)]
+        v.copy_(t)
+        return v
+    if kind == "expanded" and t.shape[0] > 1:
+        return t[:1].expand(t.shape)
+    return t
+
+
+def drawn_scores(data, R: int, N: int, gen) -> torch.Tensor:
+    scores = torch.randn(R, N, generator=gen)
+    mode = data.draw(st.sampled_from(["raw", "ties", "non_finite"]), label="values")
+    if mode == "ties":
+        scores = (scores * 2).round() / 2
+    elif mode == "non_finite":
+        special = torch.tensor([NAN, float("inf"), float("-inf")])[torch.randint(0, 3, (R, N), generator=gen)]
+        scores = torch.where(torch.rand(R, N, generator=gen) < 0.3, special, scores)
+    return scores
+
+
+def drawn_spans(data, N: int) -> torch.Tensor:
+    cuts = sorted(data.draw(st.lists(st.integers(0, N), min_size=2, max_size=8), label="cuts"))
+    pairs = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    return torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
+
+
+def run_layouts(data, device: str) -> None:
+    R = data.draw(st.integers(1, 4), label="rows")
+    N = data.draw(st.integers(1, 12), label="tokens")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    op = data.draw(st.sampled_from(["select_topk", "select_segments", "segment_reduce"]), label="op")
+    scores = laid_out(data, drawn_scores(data, R, N, gen).to(device), "scores_layout")
+    if op == "select_topk":
+        lengths = laid_out(data, torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=R, max_size=R),
+                                                        label="lengths")).to(device), "lengths_layout")
+        protect = laid_out(data, (torch.rand(R, N, generator=gen) < 0.2).to(device), "protect_layout")
+        sink, recent = data.draw(st.integers(0, 2), label="sink"), data.draw(st.integers(0, 2), label="recent")
+        j = torch.arange(N, device=device)
+        L = lengths.unsqueeze(1)
+        n_prot = (((j < sink) | (j >= L - recent) | protect) & (j < L)).sum(1).tolist()
+        budget = torch.tensor([data.draw(st.integers(p, int(n)), label="budget")
+                               for p, n in zip(n_prot, lengths.tolist())]).to(device)
+        budget = laid_out(data, budget, "budget_layout") if len(set(budget.tolist())) == 1 else budget
+        kw = dict(lengths=lengths, sink=sink, recent=recent, protect=protect, max_budget=N)
+        want = select_topk(scores.contiguous(), budget.contiguous(), backend="reference",
+                           **{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        got = select_topk(scores, budget, backend="triton", **kw)
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got, want)), (got, want)
+        return
+    spans = drawn_spans(data, N)
+    if op == "segment_reduce":
+        lengths = laid_out(data, torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=R, max_size=R),
+                                                        label="lengths")).to(device), "lengths_layout")
+        seg = dict(spans=laid_out(data, spans.to(device), "spans_layout", LAYOUTS[:3])) if data.draw(st.booleans(), label="by_spans") \
+            else dict(chunk_size=data.draw(st.integers(1, 5), label="chunk"))
+        reduce = data.draw(st.sampled_from(["sum", "mean", "max"]), label="reduce")
+        want = segment_reduce(scores.contiguous(), lengths=lengths.contiguous(), reduce=reduce, backend="reference",
+                              **{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in seg.items()})
+        got = segment_reduce(scores, lengths=lengths, reduce=reduce, backend="triton", **seg)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)
+        return
+    S = spans.shape[0]
+    seg_scores = laid_out(data, drawn_scores(data, R, S, gen).to(device), "seg_scores_layout")
+    sizes = torch.randint(0, 5, (R, S) if data.draw(st.booleans(), label="sizes_2d") else (S,), generator=gen)
+    sizes = laid_out(data, sizes.to(device), "sizes_layout")
+    protect = laid_out(data, (torch.rand(R, S, generator=gen) < 0.3).to(device), "protect_layout")
+    need = torch.where(protect, sizes.expand(R, S), 0).sum(1)
+    budget = need + torch.randint(0, 10, (R,), generator=gen).to(device)
+    policy = data.draw(st.sampled_from(["skip", "stop"]), label="policy")
+    want = select_segments(seg_scores.contiguous(), sizes.contiguous(), budget, policy=policy,
+                           protect=protect.contiguous(), backend="reference")
+    got = select_segments(seg_scores, sizes, budget, policy=policy, protect=protect, backend="triton")
+    assert torch.equal(got.cpu(), want.cpu()), (got, want)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("device", devices_for_triton())
+def test_any_layout_any_values_triton_equals_reference(device):
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.data())
+    def run(data):
+        run_layouts(data, device)
+
+    run()
