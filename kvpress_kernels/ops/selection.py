@@ -549,7 +549,7 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
     Raises
     ------
     ValueError naming ``budget`` for a negative budget or one smaller than the protected segments
-    (impossible budget), naming ``seg_sizes`` for a negative size; these read values, so on CUDA
+    (impossible budget), naming ``seg_sizes`` for a size outside ``[0, 2**31)``; these read values, so on CUDA
     they run only with ``KVPRESS_KERNELS_DEBUG=1`` (unchecked: protected segments are all kept,
     negative sizes count as 0).
     """
