@@ -29,6 +29,8 @@ Span = Tuple[int, int]
 #: after ``A:``) has no answer, so it is not a shot and stays protected.
 DEFAULT_SHOT_PATTERN = r"Q:.*?\nA:[ \t]*\S[^\n]*"
 
+_RE_FLAGS = int(re.ASCII | re.IGNORECASE | re.LOCALE | re.MULTILINE | re.DOTALL | re.VERBOSE | re.UNICODE | re.DEBUG)
+
 
 def find_shots(text: str, tokenizer, pattern: Union[str, "re.Pattern[str]"] = DEFAULT_SHOT_PATTERN, *,
                flags: int = re.DOTALL, add_special_tokens: bool = True) -> List[Span]:
@@ -62,14 +64,26 @@ def find_shots(text: str, tokenizer, pattern: Union[str, "re.Pattern[str]"] = DE
     Raises
     ------
     TypeError
-        ``text`` is not a string, or ``pattern`` is not a string / compiled regex.
+        ``text`` is not a string, ``pattern`` is not a string / compiled regex, or ``flags`` is not an int.
     ValueError
-        The tokenizer cannot give offsets (a slow tokenizer), or ``pattern`` matches the empty string.
+        The tokenizer cannot give offsets (a slow tokenizer), ``pattern`` is not a valid regular
+        expression or matches the empty string, or ``flags`` holds bits that are no ``re`` flag.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if isinstance(flags, bool) or not isinstance(flags, int):  # re.RegexFlag is an int
+        raise TypeError(f"flags must be an int of re flags (e.g. re.DOTALL | re.MULTILINE), got {type(flags).__name__}")
+    if not isinstance(add_special_tokens, bool):
+        raise TypeError(f"add_special_tokens must be a bool, got {type(add_special_tokens).__name__}")
+    if flags & ~_RE_FLAGS or flags < 0:
+        raise ValueError(f"flags must combine re flags (re.IGNORECASE, re.MULTILINE, re.DOTALL, ...), got {flags!r}")
     if isinstance(pattern, str):
-        regex = re.compile(pattern, flags)
+        try:
+            regex = re.compile(pattern, flags)
+        except re.error as exc:
+            raise ValueError(f"pattern is not a valid regular expression ({exc}): {pattern!r}") from None
+        except ValueError as exc:  # e.g. re.LOCALE with a str pattern
+            raise ValueError(f"flags {flags!r} cannot be used with a str pattern: {exc}") from None
     elif isinstance(pattern, re.Pattern):
         regex = pattern
     else:

@@ -895,3 +895,392 @@ def test_cli_bad_argument_in_a_real_process():
     p = subprocess.run([sys.executable, "-m", "kvpress_kernels.cli", "eval", "--keep-ratios", "2"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "keep-ratios" in p.stderr and "Traceback" not in p.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# Generated classes (issue 11). Nothing below lists instances: every case is derived from the valid
+# inputs above (and the variants that switch on their optional tensor forms), argument by argument,
+# element by element. The first sweep missed a negative ``lengths`` in append_ (a cross-row write), a
+# column-major ``protect`` in Triton select_segments (a wrong kept set), a NaN lse that Triton turned
+# into -inf, a budget >= 2**63 (OverflowError) and token_norm on an empty batch with lengths: each is a
+# member of one class here.
+# ------------------------------------------------------------------------------------------------
+
+def valid_variants(op: str) -> dict:
+    """``{name: kwargs}``: the valid inputs of ``op`` plus the optional forms the default leaves out."""
+    out = {"default": valid(op)}
+    if op == "select_topk":
+        out["budget_tensor"] = dict(valid(op), budget=torch.tensor([4, 4, 3]), max_budget=5)
+    if op == "select_segments":
+        out["budget_tensor"] = dict(valid(op), budget=torch.tensor([6, 5, 7]),
+                                    seg_sizes=torch.tensor([[2, 3, 1, 4], [1, 1, 2, 2], [3, 0, 2, 1]]))
+    if op == "attention_mass":
+        kw = valid(op)
+        lse = attention_lse(kw["q"], kw["k"], lengths=kw["lengths"], scale=kw["scale"], backend="reference")
+        out["lse"] = dict(kw, lse=lse, head_reduce="group_max", pool="max")
+    if op == "segment_reduce":
+        out["chunks"] = dict(valid(op), spans=None, chunk_size=4, reduce="mean")
+    return out
+
+
+POSITIONS = {"pos_pages", "pos_new"}            # original token positions: data, no range of their own
+SENTINELS = {("compact_", "kept_idx"): {-1}}   # kept_idx's padding value is legal anywhere after the kept slots
+UNBOUNDED = {("select_segments", "budget")}     # a budget above every segment together keeps them all
+MUTATED = {"k_pages", "v_pages", "lengths", "pos_pages"}   # written in place by append_ / compact_
+
+
+def variant_args(op: str, variant: str) -> list[str]:
+    """The arguments a variant exercises: all of the default's, only the new or changed ones of the others
+    (the rest is covered by the default already)."""
+    kw, default = valid_variants(op)[variant], valid(op)
+    if variant == "default":
+        return list(kw)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+                and a.dtype == b.dtype and torch.equal(a, b)
+        return a == b
+    return [k for k in kw if k not in default or not same(kw[k], default[k])]
+
+
+def _dev_kwargs(kw: dict, dev) -> dict:
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _clone(kw: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+
+
+def _run(op: str, kw: dict, backend):
+    """``(error, outputs, tensor inputs after the call)``; only TypeError/ValueError count as a rejection."""
+    call = dict(kw)
+    if backend is not None and op not in NO_BACKEND:
+        call["backend"] = backend
+    try:
+        out = OPS[op](**call)
+    except (TypeError, ValueError) as exc:
+        return exc, None, None
+    return None, out, {k: v for k, v in kw.items() if isinstance(v, torch.Tensor)}
+
+
+def _flat(out):
+    return [o for o in (out if isinstance(out, tuple) else (out,)) if o is not None]
+
+
+def _backends_for(op):
+    if op in NO_BACKEND:
+        return [None]
+    return ["reference", "triton"]
+
+
+def _param(op, *rest, backend, ident):
+    marks = [pytest.mark.triton] if backend == "triton" else []
+    return pytest.param(op, *rest, backend, id=f"{ident}-{backend}" if backend else ident, marks=marks)
+
+
+def _target(backend) -> str:
+    return devices_for_triton()[0] if backend == "triton" else "cpu"
+
+
+# ---- class 1: every per-row integer input, every element, negative and out-of-range values -------
+
+def _int_args(kw: dict) -> list[str]:
+    return [k for k, v in kw.items() if isinstance(v, torch.Tensor) and not v.is_floating_point()
+            and v.dtype != torch.bool and k not in POSITIONS]
+
+
+def per_row_int_cases():
+    out = []
+    for op in OPS:
+        for variant, kw in valid_variants(op).items():
+            for arg in [a for a in _int_args(kw) if a in variant_args(op, variant)]:
+                for backend in _backends_for(op):
+                    out.append(_param(op, variant, arg, backend=backend, ident=f"{op}-{variant}-{arg}"))
+    return out
+
+
+@pytest.mark.parametrize("op,variant,arg,backend", per_row_int_cases())
+def test_corrupted_integer_is_rejected_before_any_write_or_never_read(op, variant, arg, backend, monkeypatch):
+    """Each element of each integer tensor input, set in turn to -1, -2 and its dtype's extremes: the
+    call raises a ValueError naming the argument and changes nothing, or - where the element is never
+    read (page-table entries past a row's used pages) - gives exactly the clean call's results."""
+    dev = _target(backend)
+    if dev != "cpu":
+        monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+    base = _dev_kwargs(valid_variants(op)[variant], dev)
+    err, clean_out, clean_in = _run(op, _clone(base), backend)
+    assert err is None, err
+    info = torch.iinfo(base[arg].dtype)
+    values = [v for v in (-1, -2, info.min, info.max) if v not in SENTINELS.get((op, arg), ())
+              and not (v > 0 and (op, arg) in UNBOUNDED)]
+    rejected = 0
+    for i in range(base[arg].numel()):
+        for value in values:
+            kw = _clone(base)
+            kw[arg].view(-1)[i] = value
+            before = _clone(kw)
+            err, out, after = _run(op, kw, backend)
+            where = f"{arg}.flat[{i}] = {value}"
+            if err is not None:
+                assert isinstance(err, ValueError) and re.search(rf"\b{arg}\b", str(err)), (where, repr(err))
+                for k, t in before.items():
+                    if isinstance(t, torch.Tensor):
+                        assert _same_bits(t, kw[k]), f"rejected call ({where}) modified {k}"
+                rejected += 1
+                continue
+            # accepted: then the element was never read
+            for a, b in zip(_flat(out), _flat(clean_out)):
+                assert _same_bits(a, b), f"{where} was accepted but changed the result"
+            for k, t in after.items():
+                if k != arg:
+                    assert _same_bits(t, clean_in[k]), f"{where} was accepted but changed {k}"
+    assert rejected, "no corrupted value was rejected: the sweep is not reaching the checks"
+
+
+# ---- class 2: every tensor input of every Triton launcher as a transposed / sliced / expanded view -
+
+VIEW_KINDS = ("transposed", "sliced", "expanded")
+
+
+def make_view(t: torch.Tensor, kind: str, unit_last: bool):
+    """A non-contiguous tensor: ``transposed`` (same values, leading dims stored in reverse order),
+    ``sliced`` (same values, every leading stride doubled, nonzero storage offset) or ``expanded``
+    (index 0 of the first leading dim longer than 1, broadcast with stride 0: other values). The last
+    dim keeps its unit stride when the argument requires it. ``None`` if the kind does not apply."""
+    nd = t.dim()
+    lead = nd - 1 if unit_last else nd
+    if kind == "transposed":
+        if lead < 2:
+            return None
+        perm = list(reversed(range(lead))) + list(range(lead, nd))   # its own inverse
+        return t.permute(perm).contiguous().permute(perm)
+    if kind == "sliced":
+        if lead < 1 or t.numel() == 0:
+            return None
+        big = torch.zeros([2 * n + 1 if d < lead else n for d, n in enumerate(t.shape)], dtype=t.dtype,
+                          device=t.device)
+        v = big[tuple(slice(1, None, 2) if d < lead else slice(None) for d in range(nd))]
+        v.copy_(t)
+        return v
+    dims = [d for d in range(lead) if t.shape[d] > 1]
+    if not dims:
+        return None
+    return t.narrow(dims[0], 0, 1).expand(t.shape)
+
+
+def view_cases():
+    out = []
+    for op in OPS:
+        if op in NO_BACKEND:
+            continue
+        for variant, kw in valid_variants(op).items():
+            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
+                if not isinstance(v, torch.Tensor):
+                    continue
+                for kind in VIEW_KINDS:
+                    if make_view(v, kind, (op, arg) in UNIT_STRIDE) is not None:
+                        out.append(pytest.param(op, variant, arg, kind, id=f"{op}-{variant}-{arg}-{kind}",
+                                                marks=pytest.mark.triton))
+    return out
+
+
+def _assert_same_results(got, want, what):
+    for a, b in zip(_flat(got), _flat(want)):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6, equal_nan=True, msg=what)
+        else:
+            assert torch.equal(a, b), f"{what}: {int((a != b).sum())} elements differ"
+
+
+@pytest.mark.parametrize("op,variant,arg,kind", view_cases())
+def test_strided_views_give_the_reference_result_on_triton(op, variant, arg, kind):
+    """The Triton launchers either pass all of an input's strides to the kernel or make it contiguous:
+    with one input replaced by a view, Triton equals the reference on the same view (bit for bit for
+    selection and data movement; fp32 rounding for scores), or both reject it with the same error. In
+    place outputs must not be expanded views (two elements would share memory): a ValueError naming them."""
+    dev = devices_for_triton()[0]
+
+    def build():
+        kw = _dev_kwargs(valid_variants(op)[variant], dev)
+        kw[arg] = make_view(kw[arg], kind, (op, arg) in UNIT_STRIDE)
+        return kw
+
+    ref_err, ref_out, ref_in = _run(op, build(), "reference")
+    tri_err, tri_out, tri_in = _run(op, build(), "triton")
+    if op in MUTATING and arg in MUTATED and kind == "expanded":
+        assert isinstance(ref_err, ValueError) and re.search(rf"\b{arg}\b", str(ref_err)), repr(ref_err)
+    if ref_err is not None or tri_err is not None:
+        assert type(ref_err) is type(tri_err) and str(ref_err) == str(tri_err), (repr(ref_err), repr(tri_err))
+        return
+    _assert_same_results(tri_out, ref_out, f"{op}({arg}={kind} view)")
+    for k in MUTATED & set(ref_in):
+        assert _same_bits(tri_in[k].contiguous(), ref_in[k].contiguous()), f"{op}({arg}={kind} view) wrote {k} differently"
+
+
+# ---- class 3: NaN / +inf / -inf in every float input, every backend the same documented result ----
+
+def nan_cases():
+    out = []
+    for op in OPS:
+        if op in NO_BACKEND:
+            continue
+        for variant, kw in valid_variants(op).items():
+            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    for value in ("nan", "inf", "-inf"):
+                        out.append(pytest.param(op, variant, arg, float(value), id=f"{op}-{variant}-{arg}-{value}",
+                                                marks=pytest.mark.triton))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter: inf - inf
+@pytest.mark.parametrize("op,variant,arg,value", nan_cases())
+def test_non_finite_inputs_give_the_same_result_on_every_backend(op, variant, arg, value):
+    """The value is written at three places of the input at once (first, middle and last element:
+    live and dead slots, visible and masked keys). Reference and Triton give the same outputs, NaN and
+    inf at the same places (the rules are in docs/RELIABILITY.md: a query that sees a NaN or +inf
+    logit gets a NaN lse, NaN weights on every key it sees and a NaN output; NaN ranks lowest in
+    selection; NaN propagates through segment and pooling maxima)."""
+    dev = devices_for_triton()[0]
+
+    def build():
+        kw = _dev_kwargs(valid_variants(op)[variant], dev)
+        flat = kw[arg].view(-1)
+        for i in {0, flat.numel() // 2, flat.numel() - 1}:
+            flat[i] = value
+        return kw
+
+    ref_err, ref_out, ref_in = _run(op, build(), "reference")
+    tri_err, tri_out, tri_in = _run(op, build(), "triton")
+    assert ref_err is None and tri_err is None, (repr(ref_err), repr(tri_err))
+    _assert_same_results(tri_out, ref_out, f"{op}({arg} with {value})")
+    for k in MUTATED & set(ref_in):
+        assert _same_bits(tri_in[k], ref_in[k]), f"{op}({arg} with {value}) wrote {k} differently"
+
+
+# ---- class 4: every integer argument beyond int64 ---------------------------------------------------
+
+def int64_cases():
+    out = []
+    for op in OPS:
+        for variant, kw in valid_variants(op).items():
+            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
+                if isinstance(v, int) and not isinstance(v, bool):
+                    for value, label in ((2 ** 63, "2**63"), (-(2 ** 63) - 1, "-2**63-1"), (2 ** 100, "2**100")):
+                        out.append(pytest.param(op, variant, arg, value, id=f"{op}-{variant}-{arg}-{label}"))
+    return out
+
+
+@pytest.mark.parametrize("op,variant,arg,value", int64_cases())
+def test_integer_beyond_int64_is_a_value_error_naming_it(op, variant, arg, value):
+    kw = valid_variants(op)[variant]
+    kw[arg] = value
+    before = _snapshot(kw)
+    with pytest.raises(ValueError, match=rf"\b{arg}\b"):
+        OPS[op](**kw)
+    assert all(_same_bits(t, kw[k]) for k, t in before.items())
+
+
+# ---- class 5: an empty batch (zero rows) with every optional argument given ----------------------
+
+ROW_FREE = {"k_pages", "v_pages", "pos_pages"}   # pools: their first dim is pages, not rows
+
+
+def _empty_rows(op: str, kw: dict) -> dict:
+    out = dict(kw)
+    for k, v in kw.items():
+        if not isinstance(v, torch.Tensor) or k in ROW_FREE:
+            continue
+        if k == "spans" and v.dim() == 2 or k == "seg_sizes" and v.dim() == 1:
+            continue   # shared by every row
+        out[k] = v[:0]
+    return out
+
+
+def empty_cases():
+    return [_param(op, variant, backend=b, ident=f"{op}-{variant}") for op in OPS for variant in valid_variants(op)
+            for b in _backends_for(op)]
+
+
+@pytest.mark.parametrize("op,variant,backend", empty_cases())
+def test_empty_batch_with_every_optional_argument(op, variant, backend):
+    dev = _target(backend)
+    kw = _dev_kwargs(_empty_rows(op, valid_variants(op)[variant]), dev)
+    before = _clone(kw)
+    err, out, after = _run(op, kw, backend)
+    assert err is None, repr(err)
+    for o in _flat(out):
+        assert o.numel() == 0, f"{op} on zero rows returned shape {list(o.shape)}"
+    for k, t in before.items():
+        if isinstance(t, torch.Tensor):
+            assert _same_bits(t, after[k]), f"{op} on zero rows modified {k}"
+
+
+# ---- integration entry points: input_ids / attention_mask / shots, like the ops -----------------
+
+def _entry_points():
+    def direct(m, ids, **kw):
+        return kk.generate(m, ids, kk.SnapKV(0.5, window_size=4), max_new_tokens=2, **kw)
+
+    def inside(m, ids, **kw):
+        shots = kw.pop("shots", None)
+        with kk.compress(m, kk.ShotKV(0.5) if shots is not None else kk.SnapKV(0.5, window_size=4), shots=shots):
+            return m.generate(ids, max_new_tokens=2, **kw)
+    return {"generate": direct, "compress": inside}
+
+
+MASK = torch.ones(1, 20, dtype=torch.long)
+INPUT_CLASSES = [
+    # (label, kwargs builder, exception, argument named)
+    ("ids_rank1", lambda: dict(ids=IDS[0]), ValueError, "input_ids"),
+    ("ids_rank3", lambda: dict(ids=IDS[None]), ValueError, "input_ids"),
+    ("ids_float", lambda: dict(ids=IDS.float()), TypeError, "input_ids"),
+    ("ids_bool", lambda: dict(ids=IDS > 5), TypeError, "input_ids"),
+    ("ids_list", lambda: dict(ids=IDS.tolist()), TypeError, "input_ids"),
+    ("ids_meta", lambda: dict(ids=IDS.to("meta")), ValueError, "input_ids"),
+    ("ids_negative", lambda: dict(ids=torch.where(IDS == 7, -1, IDS)), ValueError, "input_ids"),
+    ("ids_beyond_vocab", lambda: dict(ids=torch.where(IDS == 7, 61, IDS)), ValueError, "input_ids"),
+    ("ids_no_tokens", lambda: dict(ids=IDS[:, :0]), ValueError, "input_ids"),
+    ("ids_no_rows", lambda: dict(ids=IDS[:0]), ValueError, "input_ids"),
+    ("mask_float", lambda: dict(ids=IDS, attention_mask=MASK.float()), TypeError, "attention_mask"),
+    ("mask_shape", lambda: dict(ids=IDS, attention_mask=MASK[:, :10]), ValueError, "attention_mask"),
+    ("mask_rank", lambda: dict(ids=IDS, attention_mask=MASK[0]), ValueError, "attention_mask"),
+    ("mask_value_2", lambda: dict(ids=IDS, attention_mask=MASK * 2), ValueError, "attention_mask"),
+    ("mask_negative", lambda: dict(ids=IDS, attention_mask=-MASK), ValueError, "attention_mask"),
+    ("mask_empty_row", lambda: dict(ids=IDS, attention_mask=MASK * 0), ValueError, "attention_mask"),
+    ("mask_meta", lambda: dict(ids=IDS, attention_mask=MASK.to("meta")), ValueError, "attention_mask"),
+    ("shots_str", lambda: dict(ids=IDS, shots="0-5"), TypeError, "shots"),
+    ("shots_float", lambda: dict(ids=IDS, shots=[(0, 2.5)]), TypeError, "shots"),
+    ("shots_beyond_prompt", lambda: dict(ids=IDS, shots=[(0, 21)]), ValueError, "shots"),
+    ("shots_beyond_unpadded", lambda: dict(ids=IDS, attention_mask=torch.cat([MASK[:, :5] * 0, MASK[:, 5:]], 1),
+                                           shots=[(0, 16)]), ValueError, "shots"),
+    ("shots_overlap", lambda: dict(ids=IDS, shots=[(0, 5), (4, 8)]), ValueError, "shots"),
+]
+
+
+@pytest.mark.parametrize("entry", ["generate", "compress"])
+@pytest.mark.parametrize("label,make,exc,name", INPUT_CLASSES, ids=[c[0] for c in INPUT_CLASSES])
+def test_entry_points_validate_inputs_like_the_ops(llama, entry, label, make, exc, name):
+    kw = make()
+    ids = kw.pop("ids")
+    with pytest.raises(exc, match=rf"\b{name}\b"):
+        _entry_points()[entry](llama, ids, **kw)
+    assert _restored(llama)
+
+
+@pytest.mark.parametrize("flags,exc", [("1", TypeError), (1.5, TypeError), (None, TypeError), (True, TypeError),
+                                       (-1, ValueError), (1 << 40, ValueError), (re.LOCALE, ValueError)])
+def test_find_shots_flags_named(flags, exc):
+    from kvpress_kernels.shots import find_shots
+    with pytest.raises(exc, match="flags"):
+        find_shots("Q: a\nA: b\n", None, flags=flags)
+
+
+def test_find_shots_bad_pattern_and_option_named():
+    from kvpress_kernels.shots import find_shots
+    with pytest.raises(ValueError, match="pattern"):
+        find_shots("Q: a", None, pattern="(")
+    with pytest.raises(TypeError, match="add_special_tokens"):
+        find_shots("Q: a", None, add_special_tokens="yes")

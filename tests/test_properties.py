@@ -30,6 +30,8 @@ unchanged when they do.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -38,7 +40,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpress_kernels.cache import CacheFullError, PagedKVCache
-from kvpress_kernels.ops import attention_mass_paged, paged_decode_attention, select_topk
+from kvpress_kernels.ops import (append_, attention_mass_paged, compact_, paged_decode_attention, segment_reduce,
+                                 select_segments, select_topk)
 
 NAN = float("nan")
 
@@ -178,6 +181,66 @@ def dense_decode(model: CacheModel, layer: int, q: torch.Tensor, scale: float):
     return out, probs
 
 
+def malformed_call(data, cache: PagedKVCache, layer: int, backend: str, rand) -> None:
+    """A raw op (append_, compact_, paged_decode_attention) on the cache's own pools and layer view with
+    ONE per-row integer corrupted: a length, a count, a kept slot or a page-table entry in use, set to a
+    negative value or past its range. It must raise a ValueError naming that input and write nothing:
+    the pools and lengths stay bit for bit (the caller then checks the whole cache against the model)."""
+    table, lengths = (t.clone() for t in cache.layer_view(layer))
+    B, H, max_pages = table.shape
+    P, D = cache.page_size, cache.head_dim
+    b, h = data.draw(st.integers(0, B - 1), label="bad_seq"), data.draw(st.integers(0, H - 1), label="bad_head")
+    target = data.draw(st.sampled_from(["append_lengths", "append_counts", "compact_lengths", "compact_kept",
+                                        "decode_lengths", "page_table"]), label="bad_input")
+    M = int(lengths.max())
+    if target == "compact_kept" and M == 0 or target == "page_table" and int(lengths[b, h]) == 0:
+        target = "append_lengths"          # nothing to corrupt there: a row without slots / pages in use
+    kind = data.draw(st.sampled_from(["negative", "beyond"]), label="bad_kind")
+    low = data.draw(st.sampled_from([-1, -2, -(2 ** 31)]), label="negative_value")
+    cap = max_pages * P
+    counts = torch.full((B, H), 2, dtype=torch.int32, device=lengths.device)
+    kept = torch.arange(M, dtype=torch.int32, device=lengths.device).expand(B, H, M).clone()
+    kept[kept >= lengths.unsqueeze(-1)] = -1
+    if target.endswith("lengths"):
+        lengths[b, h] = low if kind == "negative" else data.draw(st.sampled_from([cap + 1, 2 ** 31 - 1]), label="hi")
+        name = "lengths"
+    elif target == "append_counts":
+        counts[b, h] = low if kind == "negative" else data.draw(st.sampled_from([3, 2 ** 31 - 1]), label="hi")
+        name = "counts"
+    elif target == "compact_kept":
+        kept[b, h, 0] = min(low, -2) if kind == "negative" else int(lengths[b, h]) + (M if M > 1 else 0)
+        name = "kept_idx"                  # -2: bad padding; beyond: past the row's length or out of order
+    else:
+        table[b, h, 0] = low if kind == "negative" else cache.k_pages.shape[0]
+        counts.zero_()                     # (an append that writes nothing still checks the pages in use)
+        name = "page_table"
+    before = [bits(cache.k_pages).clone(), bits(cache.v_pages).clone(), cache.pos_pages.clone(),
+              cache.lengths.clone(), cache.page_table.clone()]
+    debug = os.environ.get("KVPRESS_KERNELS_DEBUG")
+    os.environ["KVPRESS_KERNELS_DEBUG"] = "1"      # on CUDA the value checks run in debug mode only
+    try:
+        _malformed_raises(name, target, kind, cache, table, lengths, counts, kept, backend, rand, B, H, D)
+    finally:
+        if debug is None:
+            del os.environ["KVPRESS_KERNELS_DEBUG"]
+        else:
+            os.environ["KVPRESS_KERNELS_DEBUG"] = debug
+    after = [bits(cache.k_pages), bits(cache.v_pages), cache.pos_pages, cache.lengths, cache.page_table]
+    assert all(torch.equal(x, y) for x, y in zip(before, after)), f"a rejected call ({target}, {kind}) wrote"
+
+
+def _malformed_raises(name, target, kind, cache, table, lengths, counts, kept, backend, rand, B, H, D):
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        if target.startswith("append") or target == "page_table" and kind == "negative":
+            k = rand((B, H, 2, D)).to(cache.k_pages.device)
+            append_(cache.k_pages, cache.v_pages, table, lengths, k, k, counts=counts, backend=backend)
+        elif target.startswith("compact"):
+            compact_(cache.k_pages, cache.v_pages, table, lengths, kept, pos_pages=cache.pos_pages, backend=backend)
+        else:
+            q = rand((B, H, 1, D)).to(cache.k_pages.device)
+            paged_decode_attention(q, cache.k_pages, cache.v_pages, table, lengths, backend=backend)
+
+
 # ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +286,7 @@ def run_interleaving(data, backend: str, max_steps: int, device: str = "cpu"):
         model.append(layer, k, v, counts)
 
     for _ in range(data.draw(st.integers(1, max_steps), label="steps")):
-        op = data.draw(st.sampled_from(["append", "append", "compress", "decode", "free"]), label="op")
+        op = data.draw(st.sampled_from(["append", "append", "compress", "decode", "free", "malformed"]), label="op")
         layer = data.draw(st.integers(0, L - 1), label="layer")
         if op == "append":
             T = data.draw(st.integers(0, 7), label="T")
@@ -232,6 +295,8 @@ def run_interleaving(data, backend: str, max_steps: int, device: str = "cpu"):
                                                   min_size=B, max_size=B), label="counts")) if ragged
                       else np.full((B, H), T))
             do_append(layer, counts, T)
+        elif op == "malformed":
+            malformed_call(data, cache, layer, backend, rand)
         elif op == "free":
             seq = data.draw(st.integers(0, B - 1), label="seq")
             cache.free_sequence(seq)
@@ -320,5 +385,109 @@ def test_interleavings_triton(device):
     @given(st.data())
     def run(data):
         run_interleaving(data, "triton", max_steps=10, device=device)
+
+    run()
+
+
+# ------------------------------------------------------------------------------------------------
+# Any memory layout, any values: Triton selection and segment ops equal the reference (issue 11)
+# ------------------------------------------------------------------------------------------------
+
+LAYOUTS = ("contiguous", "transposed", "sliced", "expanded")
+
+
+def laid_out(data, t: torch.Tensor, label: str, layouts=LAYOUTS) -> torch.Tensor:
+    """``t`` in a drawn memory layout: contiguous, transposed storage (2-D and up), every stride doubled
+    with a storage offset, or rows broadcast from row 0 with stride 0 (this one changes the values, so
+    callers draw what depends on ``t`` after laying it out)."""
+    kind = data.draw(st.sampled_from(layouts), label=label)
+    if kind == "transposed" and t.dim() >= 2:
+        perm = list(reversed(range(t.dim())))
+        return t.permute(perm).contiguous().permute(perm)
+    if kind == "sliced" and t.numel():
+        big = torch.zeros([2 * n + 1 for n in t.shape], dtype=t.dtype, device=t.device)
+        v = big[tuple(slice(1, None, 2) for _ in t.shape)]
+        v.copy_(t)
+        return v
+    if kind == "expanded" and t.shape[0] > 1:
+        return t[:1].expand(t.shape)
+    return t
+
+
+def drawn_scores(data, R: int, N: int, gen) -> torch.Tensor:
+    scores = torch.randn(R, N, generator=gen)
+    mode = data.draw(st.sampled_from(["raw", "ties", "non_finite"]), label="values")
+    if mode == "ties":
+        scores = (scores * 2).round() / 2
+    elif mode == "non_finite":
+        special = torch.tensor([NAN, float("inf"), float("-inf")])[torch.randint(0, 3, (R, N), generator=gen)]
+        scores = torch.where(torch.rand(R, N, generator=gen) < 0.3, special, scores)
+    return scores
+
+
+def drawn_spans(data, N: int) -> torch.Tensor:
+    cuts = sorted(data.draw(st.lists(st.integers(0, N), min_size=2, max_size=8), label="cuts"))
+    pairs = [(cuts[i], cuts[i + 1]) for i in range(0, len(cuts) - 1, 2)]
+    return torch.tensor(pairs, dtype=torch.int64).view(-1, 2)
+
+
+def run_layouts(data, device: str) -> None:
+    R = data.draw(st.integers(1, 4), label="rows")
+    N = data.draw(st.integers(1, 12), label="tokens")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
+    op = data.draw(st.sampled_from(["select_topk", "select_segments", "segment_reduce"]), label="op")
+    scores = laid_out(data, drawn_scores(data, R, N, gen).to(device), "scores_layout")
+    if op == "select_topk":
+        lengths = laid_out(data, torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=R, max_size=R),
+                                                        label="lengths")).to(device), "lengths_layout")
+        protect = laid_out(data, (torch.rand(R, N, generator=gen) < 0.2).to(device), "protect_layout")
+        sink, recent = data.draw(st.integers(0, 2), label="sink"), data.draw(st.integers(0, 2), label="recent")
+        j = torch.arange(N, device=device)
+        L = lengths.unsqueeze(1)
+        n_prot = (((j < sink) | (j >= L - recent) | protect) & (j < L)).sum(1).tolist()
+        budget = torch.tensor([data.draw(st.integers(p, int(n)), label="budget")
+                               for p, n in zip(n_prot, lengths.tolist())]).to(device)
+        budget = laid_out(data, budget, "budget_layout") if len(set(budget.tolist())) == 1 else budget
+        kw = dict(lengths=lengths, sink=sink, recent=recent, protect=protect, max_budget=N)
+        want = select_topk(scores.contiguous(), budget.contiguous(), backend="reference",
+                           **{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
+        got = select_topk(scores, budget, backend="triton", **kw)
+        assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(got, want)), (got, want)
+        return
+    spans = drawn_spans(data, N)
+    if op == "segment_reduce":
+        lengths = laid_out(data, torch.tensor(data.draw(st.lists(st.integers(0, N), min_size=R, max_size=R),
+                                                        label="lengths")).to(device), "lengths_layout")
+        seg = dict(spans=laid_out(data, spans.to(device), "spans_layout", LAYOUTS[:3])) if data.draw(st.booleans(), label="by_spans") \
+            else dict(chunk_size=data.draw(st.integers(1, 5), label="chunk"))
+        reduce = data.draw(st.sampled_from(["sum", "mean", "max"]), label="reduce")
+        want = segment_reduce(scores.contiguous(), lengths=lengths.contiguous(), reduce=reduce, backend="reference",
+                              **{k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in seg.items()})
+        got = segment_reduce(scores, lengths=lengths, reduce=reduce, backend="triton", **seg)
+        torch.testing.assert_close(got.cpu(), want.cpu(), rtol=1e-6, atol=1e-6, equal_nan=True)
+        return
+    S = spans.shape[0]
+    seg_scores = laid_out(data, drawn_scores(data, R, S, gen).to(device), "seg_scores_layout")
+    sizes = torch.randint(0, 5, (R, S) if data.draw(st.booleans(), label="sizes_2d") else (S,), generator=gen)
+    sizes = laid_out(data, sizes.to(device), "sizes_layout")
+    protect = laid_out(data, (torch.rand(R, S, generator=gen) < 0.3).to(device), "protect_layout")
+    need = torch.where(protect, sizes.expand(R, S), 0).sum(1)
+    budget = need + torch.randint(0, 10, (R,), generator=gen).to(device)
+    policy = data.draw(st.sampled_from(["skip", "stop"]), label="policy")
+    want = select_segments(seg_scores.contiguous(), sizes.contiguous(), budget, policy=policy,
+                           protect=protect.contiguous(), backend="reference")
+    got = select_segments(seg_scores, sizes, budget, policy=policy, protect=protect, backend="triton")
+    assert torch.equal(got.cpu(), want.cpu()), (got, want)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("device", devices_for_triton())
+def test_any_layout_any_values_triton_equals_reference(device):
+    @settings(max_examples=40, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(st.data())
+    def run(data):
+        run_layouts(data, device)
 
     run()

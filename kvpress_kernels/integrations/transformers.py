@@ -519,6 +519,10 @@ class CompressionSession:
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise ValueError("assisted generation is not supported with a compressed paged cache")
         cache = kwargs.pop("past_key_values", None)
+        input_ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        if input_ids is not None:  # (inputs_embeds callers pass none)
+            V.generation_inputs(model, input_ids, kwargs.get("attention_mask"), shots if shots is not None
+                                else self.shots, check_shots=cache is None)
         if cache is None:
             cache = self.new_cache(shots, kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None))
         elif not isinstance(cache, PagedCache):
@@ -606,6 +610,7 @@ def generate(model, input_ids: torch.Tensor, method: Optional[CompressionMethod]
     ``sequences``: ``[batch, prompt + new]`` token ids (as ``model.generate`` returns them); ``stats``:
     see :meth:`PagedCache.stats`. Other keywords go to ``model.generate``.
     """
+    V.generation_inputs(model, input_ids, attention_mask, shots)
     with compress(model, method, shots=shots, page_size=page_size, backend=backend) as session:
         out = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                              do_sample=do_sample, **gen_kwargs)

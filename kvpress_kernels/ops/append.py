@@ -121,7 +121,8 @@ def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, 
     kp, vp = _bits(k_pages), _bits(v_pages)
     lens = lengths.reshape(rows)
     cnt = counts.reshape(rows).contiguous() if counts is not None else lens  # read with unit stride
-    pn = pos_new.reshape(rows, T).to(pos_pages.dtype) if pos_pages is not None else lens
+    # the kernel reads a row's positions with unit stride
+    pn = pos_new.reshape(rows, T).to(pos_pages.dtype).contiguous() if pos_pages is not None else lens
     pp = pos_pages if pos_pages is not None else lens
     block_d = min(triton.next_power_of_2(D), 256)
     _append_kernel[(rows, min(T, _MAX_GRID_Y))](
@@ -197,6 +198,9 @@ def append_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tens
         V.shape("pos_new", pos_new, lead + [T], "([*page_table.shape[:-1], T])")
     if wants_data_checks(lengths):
         max_pages = page_table.shape[-1]
+        # lengths on their own first: a negative length plus counts can look in range while its slots
+        # (-1, ...) resolve through page_table[r, -1] into another row's page.
+        V.values_in("lengths", lengths, low=0, high=max_pages * page_size, what="(tokens a row holds)")
         cnt = counts.reshape(-1).long() if counts is not None else torch.full((lengths.numel(),), T, device=dev)
         if counts is not None and cnt.numel() and (int(cnt.min()) < 0 or int(cnt.max()) > T):
             raise ValueError(f"counts must be in [0, T={T}], got min {int(cnt.min())}, max {int(cnt.max())}")
@@ -206,6 +210,7 @@ def append_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tens
                 f"lengths + counts exceeds the pages owned by a row (max_pages * page_size = "
                 f"{max_pages * page_size}); allocate pages first (PagedKVCache.reserve)")
         V.page_table("page_table", page_table, num_pages, new_len, page_size)
+        V.distinct_pages(page_table, new_len, page_size)
     b = resolve_backend("append", backend, dev, has=("reference", "triton"))
     torch.ops.kvpress_kernels.append_(k_pages, v_pages, page_table, lengths, k_new, v_new, counts,
                                       pos_pages, pos_new, b)

@@ -280,20 +280,6 @@ def _check_kept_data(kept_idx: torch.Tensor, lengths: torch.Tensor) -> None:
         raise ValueError(f"kept_idx holds slot {int(kept[r][over[r]][0])} in row {r}, beyond lengths[{r}] = {int(lens[r])}")
 
 
-def _check_pages_distinct(page_table: torch.Tensor, lengths: torch.Tensor, page_size: int) -> None:
-    """Pages holding live tokens must belong to one row only: a shared page would make the moves
-    of two rows race (DESIGN.md §4, a page belongs to exactly one row)."""
-    max_pages = page_table.shape[-1]
-    if max_pages == 0 or lengths.numel() == 0:
-        return  # no page can hold a token
-    used = (lengths.reshape(-1).long() + page_size - 1) // page_size
-    live = torch.arange(max_pages, device=page_table.device).unsqueeze(0) < used.to(page_table.device).unsqueeze(1)
-    vals = page_table.reshape(-1, max_pages)[live]
-    if vals.numel() and torch.unique(vals).numel() != vals.numel():
-        raise ValueError("page_table gives one page to two rows (or twice to one row); every page that holds "
-                         "tokens must belong to exactly one row")
-
-
 def compact_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor,
              kept_idx: torch.Tensor, *, pos_pages: Optional[torch.Tensor] = None,
              backend: Optional[str] = None) -> None:
@@ -333,9 +319,10 @@ def compact_(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.Ten
     if pos_pages is not None:
         V.tensor("pos_pages", pos_pages, ndim=2, dtypes=V.INDEX_DTYPES, device=dev)
         V.shape("pos_pages", pos_pages, [num_pages, page_size], "([num_pages, page_size])")
+        V.writable("pos_pages", pos_pages)
     if wants_data_checks(kept_idx):
         V.page_table("page_table", page_table, num_pages, lengths, page_size)
         _check_kept_data(kept_idx, lengths)
-        _check_pages_distinct(page_table, lengths, page_size)
+        V.distinct_pages(page_table, lengths, page_size)
     b = resolve_backend("compact", backend, dev, has=("reference", "triton", "cuda"))
     torch.ops.kvpress_kernels.compact_(k_pages, v_pages, page_table, lengths, kept_idx, pos_pages, b)

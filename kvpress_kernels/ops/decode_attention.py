@@ -101,11 +101,15 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     lim = lens.unsqueeze(-1) - (T - 1 - t) if causal else lens.unsqueeze(-1).expand(B, Hkv, G * T)
     vis = j < lim.unsqueeze(-1)
     s = s.masked_fill(~vis, float("-inf"))
+    # A query that sees a NaN or +inf logit has no defined softmax (inf - inf): NaN weights on every key
+    # it sees, hence a NaN output, as the kernels' online softmax gives.
+    undefined = (torch.isnan(s) | (s == float("inf"))).any(-1, keepdim=True)
     m = s.amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                # empty row: exp(-inf - 0) = 0
     e = torch.exp(s - m)
     denom = e.sum(-1, keepdim=True)
     p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    p = torch.where(undefined & vis, torch.full((), float("nan"), device=dev), p)
     out = torch.matmul(p, v).reshape(B, Hq, T, D).to(q.dtype)
     if return_probs:
         probs = p.sum(-2)
@@ -219,7 +223,7 @@ if triton is not None:
             a = tl.load(mid_acc + (base + s * GT)[:, None] * D + d[None, :], mask=r_ok[:, None] & d_ok[None, :],
                         other=0.0)
             acc += a * w[:, None]
-        has_keys = l_tot > 0.0
+        has_keys = l_tot != 0.0   # NaN (a NaN or +inf logit) is not "no keys": it must stay NaN
         o = acc / tl.where(has_keys, l_tot, 1.0)[:, None]
         o_ptrs = out + b * stride_o_b + (kvh * G + g).to(tl.int64)[:, None] * stride_o_h \
             + t[:, None] * stride_o_t + d[None, :]

@@ -138,13 +138,18 @@ def _mass_rows_ref(q: torch.Tensor, kd: torch.Tensor, lens: torch.Tensor, scale:
         vis = vis.unsqueeze(2)                                                    # [B, Hkv, 1, c|1, N]
         logits.masked_fill_(~vis, float("-inf"))                                  # in place: one temporary
         row_lse = torch.logsumexp(logits, dim=-1)                                 # [B, Hkv, G, c]
+        # A visible +inf logit leaves the softmax undefined (inf - inf): NaN, which is what the kernels'
+        # online softmax gives (logsumexp alone would say +inf). NaN logits give NaN by themselves.
+        row_lse = row_lse.masked_fill(row_lse == float("inf"), float("nan"))
         lse_out[..., w0:w1] = row_lse
         if want_mass:
             use = lse_in[..., w0:w1] if lse_in is not None else row_lse
             # A row that sees no key has lse = -inf; shifting its (all -inf) logits by 0 instead
-            # gives exp = 0 rather than nan. Masked logits are -inf, so exp zeroes them.
-            use = torch.where(torch.isfinite(use), use, torch.zeros((), device=dev))
-            mass += logits.sub_(use.unsqueeze(-1)).exp_().sum(dim=3)
+            # gives exp = 0 rather than nan. A NaN lse stays NaN: NaN mass on every key the row sees.
+            use = torch.where(use == float("-inf"), torch.zeros((), device=dev), use)
+            p = logits.sub_(use.unsqueeze(-1)).exp_()
+            p.masked_fill_(~vis, 0.0)  # masked logits are -inf, but -inf - NaN is NaN
+            mass += p.sum(dim=3)
     return (mass.view(B, Hq, N) if want_mass else None), lse_out.view(B, Hq, W)
 
 
@@ -334,7 +339,7 @@ def token_norm(x: torch.Tensor, *, lengths: Optional[torch.Tensor] = None) -> to
     V.shape("lengths", lengths, [B] if lengths.dim() == 1 else [B, H], "([B] or [B, H])")
     if wants_data_checks(lengths) and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > N):
         raise ValueError(f"lengths must be in [0, {N}], got min {int(lengths.min())}, max {int(lengths.max())}")
-    lens = lengths.long().reshape(B, -1, 1)
+    lens = lengths.long().reshape(B, lengths.shape[1] if lengths.dim() == 2 else 1, 1)  # no -1: B may be 0
     live = torch.arange(N, device=x.device).view(1, 1, N) < lens
     return torch.where(live, out, torch.zeros((), device=x.device))
 
@@ -408,8 +413,9 @@ if triton is not None:
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
             m_i = m_new
-        # Natural-log partial LSE of this split; -inf where the split held no visible key.
-        out = tl.where(l_i > 0, (m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        # Natural-log partial LSE of this split; -inf where the split held no visible key. A NaN l_i (a
+        # NaN or +inf logit: inf - inf) must stay NaN, as in the reference, so the test is != 0, not > 0.
+        out = tl.where(l_i != 0, (m_i + tl.log2(tl.where(l_i != 0, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
         tl.store(part + (bh * num_splits + sp) * (G * W) + r, out, mask=rmask)
 
     @triton.jit
@@ -468,7 +474,7 @@ if triton is not None:
             elif REDUCE == 1:
                 acc += acc_g
             else:
-                acc = tl.maximum(acc, acc_g)
+                acc = tl.maximum(acc, acc_g, propagate_nan=tl.PropagateNan.ALL)  # NaN like torch.amax
         if REDUCE != 0:
             tl.store(o_base + h * so_h, acc * out_scale, mask=jmask)
 
@@ -494,7 +500,8 @@ if triton is not None:
             idx = j + o - half
             m = (idx >= 0) & (idx < end) & jmask
             if IS_MAX:
-                acc = tl.maximum(acc, tl.load(base + idx, mask=m, other=float("-inf")))
+                acc = tl.maximum(acc, tl.load(base + idx, mask=m, other=float("-inf")),
+                                 propagate_nan=tl.PropagateNan.ALL)  # NaN like F.max_pool1d
             else:
                 acc += tl.load(base + idx, mask=m, other=0.0)
         if not IS_MAX:
@@ -583,6 +590,10 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
         lse = _lse_triton(q, k, page_table, lens, n_out, scale, causal)
     else:
         lse = lse.to(torch.float32)
+    # lse = -inf: the row sees no key with a finite logit (none at all, or only -inf logits from an inf
+    # in q/k). The reference shifts such rows by 0, so do we: exp(-inf - 0) = 0, where exp(-inf + inf)
+    # would be NaN. Rows that see no key at all are masked in the kernel anyway.
+    lse = torch.where(lse == float("-inf"), torch.zeros((), device=dev), lse)
     if head_reduce == "none":
         reduce_code, h_out, out_scale = 0, Hq, 1.0
     else:

@@ -341,7 +341,9 @@ def _select_segments_triton(seg_scores, seg_sizes, budgets, policy, protect):
     if protect is not None:
         # Protected segments sort last so the candidates form a prefix of the order.
         key = torch.where(protect, torch.full_like(key, _I32_MIN - 1), key)
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices.to(torch.int32)
+    # torch.where / sort keep the layout of their inputs (a column-major protect gives a column-major
+    # order): the kernel reads a row of the order with unit stride.
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices.to(torch.int32).contiguous()
     sizes = seg_sizes if seg_sizes.dim() == 2 else seg_sizes.unsqueeze(0).expand(R, S)
     if sizes.stride(-1) != 1 and S > 1:
         sizes = sizes.contiguous()
@@ -529,7 +531,7 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
     seg_scores : Tensor ``[R, S]``, float32/float16/bfloat16
         E.g. :func:`~kvpress_kernels.ops.segments.segment_reduce` output.
     seg_sizes : Tensor ``[S]`` or ``[R, S]``, int32/int64
-        Tokens per segment (``>= 0``).
+        Tokens per segment (``0 <= size < 2**31``).
     budget : int or Tensor ``[R]`` (int32/int64)
         Tokens to fill per row (``>= 0``). A budget larger than every segment together keeps all.
     policy : {"skip", "stop"}
@@ -547,7 +549,7 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
     Raises
     ------
     ValueError naming ``budget`` for a negative budget or one smaller than the protected segments
-    (impossible budget), naming ``seg_sizes`` for a negative size; these read values, so on CUDA
+    (impossible budget), naming ``seg_sizes`` for a size outside ``[0, 2**31)``; these read values, so on CUDA
     they run only with ``KVPRESS_KERNELS_DEBUG=1`` (unchecked: protected segments are all kept,
     negative sizes count as 0).
     """
@@ -562,8 +564,8 @@ def select_segments(seg_scores: torch.Tensor, seg_sizes: torch.Tensor, budget: U
         V.tensor("protect", protect, ndim=2, dtypes=(torch.bool,), device=dev)
         V.shape("protect", protect, [R, S], "(like seg_scores)")
     if wants_data_checks(seg_scores) and R:
-        if seg_sizes.numel() and int(seg_sizes.min()) < 0:
-            raise ValueError(f"seg_sizes must be >= 0, got min {int(seg_sizes.min())}")
+        # sizes are token counts of one row (< 2**31), so sums over segments cannot overflow int64
+        V.values_in("seg_sizes", seg_sizes, low=0, high=2 ** 31 - 1, what="(tokens per segment)")
         bud = _budget_tensor(budget, R, dev)
         if int(bud.min()) < 0:
             r = int((bud < 0).nonzero()[0])
