@@ -45,6 +45,7 @@ from ..cache import PagedKVCache
 from ..methods.base import CompressionMethod, DecodeInputs, GenerationInfo, PrefillInputs
 from ..ops.decode_attention import paged_decode_attention
 from ..shots import normalize_batch_shots
+from ._compat import MaxLengthCompat, cache_kwarg, mask_query_length
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -140,7 +141,7 @@ def _register() -> None:
 # The cache
 # ------------------------------------------------------------------------------------------------
 
-class _LayerView(CacheLayerMixin):
+class _LayerView(MaxLengthCompat, CacheLayerMixin):
     """What transformers may ask one layer of the cache; the data lives in the shared PagedKVCache."""
 
     is_sliding = False
@@ -154,23 +155,20 @@ class _LayerView(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - never lazy
         return None
 
-    def update(self, key_states, value_states, cache_kwargs=None):
-        return self.parent.update(key_states, value_states, self.layer, cache_kwargs)
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.parent.update(key_states, value_states, self.layer)
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.parent.get_seq_length() + cache_position.shape[0], 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        return self.parent.get_seq_length() + mask_query_length(query), 0
 
     def get_seq_length(self) -> int:
         return self.parent.get_seq_length()
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.parent.reset()
 
 
-class PagedCache(Cache):
+class PagedCache(MaxLengthCompat, Cache):
     """A ``transformers.Cache`` whose K/V live in a :class:`~kvpress_kernels.cache.PagedKVCache` and that
     compresses with ``method`` (``None``: no compression, the same paged path).
 
@@ -228,7 +226,8 @@ class PagedCache(Cache):
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: Optional[Dict[str, Any]] = None):
+               *args, **kwargs):
+        # the extra arguments (``cache_kwargs`` up to transformers 5.3, ``kwargs=`` from 5.24) are not needed
         pending = getattr(_STATE, "pending", None)
         if pending is not None and pending[0] is self:
             _STATE.pending = None
@@ -267,11 +266,8 @@ class PagedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen
 
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        return self._seen + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return -1
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + mask_query_length(query), 0
 
     @property
     def is_compileable(self) -> bool:
@@ -519,6 +515,7 @@ class CompressionSession:
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise ValueError("assisted generation is not supported with a compressed paged cache")
         cache = kwargs.pop("past_key_values", None)
+        cache = kwargs.pop("cache", None) if cache is None else cache
         if cache is None:
             cache = self.new_cache(shots, kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None))
         elif not isinstance(cache, PagedCache):
@@ -529,7 +526,7 @@ class CompressionSession:
                              "across models")
         self.cache = cache
         try:
-            out = type(model).generate(model, *args, past_key_values=cache, **kwargs)
+            out = type(model).generate(model, *args, **{cache_kwarg(model): cache}, **kwargs)
         finally:
             _STATE.pending = None
         cache.finish()

@@ -1,0 +1,57 @@
+"""Shims for the parts of transformers' Cache API that changed within 5.x.
+
+The integration (:mod:`.transformers`) is written once against the interfaces every 5.x has
+(``Cache``/``CacheLayerMixin``, ``AttentionInterface``, ``AttentionMaskInterface``, the SDPA attention
+function). Where 5.x renamed or re-typed a hook that a ``Cache`` must implement, the difference is
+absorbed here, one shim per change, each saying which releases need which side. Checked against the
+sources of every 5.x minor release, 5.0.0 to 5.24.0; CI runs both ends (the transformers kvpress pins,
+and the newest release).
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+
+
+def mask_query_length(query: Union[int, torch.Tensor]) -> int:
+    """Number of new query positions from the first argument transformers passes to ``get_mask_sizes``.
+
+    transformers 5.0 - 5.3 pass ``cache_position`` (a 1-D tensor of the new positions) to
+    ``Cache.get_mask_sizes`` and ``CacheLayerMixin.get_mask_sizes``; 5.4 and later pass
+    ``query_length`` (an int). Both mean "this many new tokens"."""
+    if isinstance(query, torch.Tensor):
+        return int(query.shape[0])
+    return int(query)
+
+
+class MaxLengthCompat:
+    """Both names of the "longest sequence this cache holds" hook, answering -1 (no maximum: pages
+    are allocated as the cache grows).
+
+    ``get_max_cache_shape``: the hook in transformers 5.0 - 5.12 (abstract on ``CacheLayerMixin``);
+    5.13 - 5.19 keep it as an alias, 5.20 removed it. ``get_max_length``: 5.13 and later (abstract on
+    ``CacheLayerMixin``, so a layer class without it cannot be instantiated there). Put this class
+    first among the bases so that its concrete methods satisfy either abstract one."""
+
+    def get_max_length(self, layer_idx=None) -> int:
+        return -1
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return -1
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which ``model.generate`` / ``model.forward`` take the cache.
+
+    ``past_key_values`` in transformers 5.0 - 5.23; 5.24 renamed it ``cache`` (``past_key_values``
+    still accepted, with a FutureWarning, until 6.0). Read from the model's own ``forward`` signature,
+    so a model class that has not been migrated keeps working."""
+    import inspect
+
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
