@@ -115,10 +115,20 @@ class _ModelSpec:
             raise ValueError(f"model {name} is not Llama-like: expected one attention module with layer_idx, "
                              f"num_key_value_groups, head_dim and scaling per layer ({L} layers), found {len(attn)}")
         layer_types = getattr(text_cfg, "layer_types", None)
-        if getattr(text_cfg, "sliding_window", None) or (
-                layer_types is not None and any(t != "full_attention" for t in layer_types)):
+        # Where a config lists layer_types (Qwen2/3, Gemma-2/3, ...) they decide which layers slide (a
+        # sliding_window value alone is then unused); where it does not (Mistral, Phi-3) sliding_window does.
+        if layer_types is not None:
+            sliding = any(t != "full_attention" for t in layer_types) or \
+                any(getattr(m, "sliding_window", None) for m in attn)
+        else:
+            sliding = bool(getattr(text_cfg, "sliding_window", None))
+        if sliding:
             raise ValueError(f"model {name} has sliding-window or chunked attention layers, which the paged "
-                             "cache does not support")
+                             "cache does not support (it keeps every layer's whole context)")
+        softcap = getattr(text_cfg, "attn_logit_softcapping", None)
+        if softcap:
+            raise ValueError(f"model {name} uses attention logit soft-capping (attn_logit_softcapping={softcap}), "
+                             "which the paged decode attention does not apply")
         Hq = int(text_cfg.num_attention_heads)
         Hkv = int(getattr(text_cfg, "num_key_value_heads", None) or Hq)
         if Hq % Hkv != 0:
@@ -469,6 +479,9 @@ def paged_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
                                       is_causal=is_causal, **kwargs)
     _STATE.pending = None
     cache, layer, phase = pending
+    if kwargs.get("softcap") or kwargs.get("sliding_window"):   # a model whose config did not say so
+        raise ValueError(f"{cache.spec.model_name} layer {layer} asks for attention logit soft-capping or a sliding "
+                         "window, which the paged cache and decode attention do not support")
     if id(module) not in cache.spec.module_ids:
         raise ValueError(f"this PagedCache was built for another model ({cache.spec.model_name}): a cache cannot be "
                          "used across models; create one per model (compress() does)")
