@@ -10,7 +10,8 @@ and the newest release).
 
 from __future__ import annotations
 
-from typing import Union
+import contextlib
+from typing import Iterator, Union
 
 import torch
 
@@ -55,3 +56,45 @@ def cache_kwarg(model) -> str:
     except (TypeError, ValueError):  # pragma: no cover - forward without a signature
         return "past_key_values"
     return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+@contextlib.contextmanager
+def saveable_gguf_model(model) -> Iterator[None]:
+    """Let ``model.save_pretrained`` write a GGUF-loaded model whose weights are all dense.
+
+    transformers 5.20 and later load a GGUF file through ``GgufHfQuantizer``, which stays attached to
+    the model (``model.hf_quantizer``, ``config.quantization_config``) and makes ``save_pretrained``
+    refuse ("quantized with gguf and is not serializable") even when every weight was de-quantized
+    (the legacy path, ``dequantize=True``, or no ``kernels`` package: ``packed_modules`` empty). Such a
+    model is an ordinary dense checkpoint: the quantizer and its config are detached for the save, so
+    the copy also reloads without a GGUF file. Models that keep packed GGUF blocks are left alone (the
+    save still refuses). 5.0 - 5.19 attach no quantizer: nothing to do."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf" or getattr(quantizer, "packed_modules", None):
+        yield
+        return
+    had_qc = "quantization_config" in model.config.__dict__
+    qc = model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    try:
+        yield
+    finally:
+        model.hf_quantizer = quantizer
+        if had_qc:
+            model.config.quantization_config = qc
+
+
+def gguf_tokenizer_bos_first(tokenizer) -> None:
+    """Make a tokenizer read from a GGUF file prepend its BOS token, on every transformers version.
+
+    transformers 5.0 - 5.5 build the tokenizer of a GGUF file with a post-processor that prepends BOS
+    (SmolLM2's file says ``tokenizer.ggml.add_bos_token = False``; they ignore it); 5.6 and later follow
+    the file and prepend nothing. The same prompt then gives different token ids (one token fewer), a
+    different attention sink, and different compressed results. Every recorded result of this package
+    was made with BOS first (and SmolLM2-Instruct's chat template starts with that same token,
+    ``<|im_start|>``), so we keep BOS first everywhere. A tokenizer without a BOS token is left alone;
+    one that prepends it already is unchanged (no second BOS)."""
+    if getattr(tokenizer, "bos_token_id", None) is None:
+        return
+    tokenizer.add_bos_token = True
