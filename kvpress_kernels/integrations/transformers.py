@@ -25,8 +25,10 @@ stored token is real. Left padding (what ``generate`` wants for decoder-only mod
 both work; positions (RoPE) are whatever transformers gave the tokens.
 
 Not supported (clear errors): beam search and other generation modes that reorder, crop or repeat the
-cache; models whose attention does not go through ``AttentionInterface`` or that have sliding-window
-layers; one cache shared by two models.
+cache; models whose attention does not go through ``AttentionInterface``, that have sliding-window
+layers or attention logit soft-capping; one cache shared by two models. Supported families (tested on
+tiny configs in tests/test_model_families.py): see the README. Works on transformers 5.0 to the newest
+5.x; the few Cache-API changes within 5.x are absorbed by the shims in :mod:`._compat`.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class _ModelSpec:
         if not getattr(type(model), "_supports_attention_backend", False):
             raise ValueError(f"model {name} does not route its attention through transformers' AttentionInterface, "
                              "so the paged attention cannot be plugged in; supported: Llama-like models "
-                             "(Llama, Mistral without sliding window, Qwen2/3, SmolLM2, ...)")
+                             "(Llama, SmolLM2, Qwen2/3, Mistral and Phi-3 without sliding window, Gemma-2/3 "
+                             "with full attention layers only; see the README)")
         text_cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
         attn = [m for m in model.modules()
                 if all(hasattr(m, a) for a in ("layer_idx", "num_key_value_groups", "head_dim", "scaling"))]
