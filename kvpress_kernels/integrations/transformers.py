@@ -530,8 +530,8 @@ class CompressionSession:
             raise ValueError("num_beams > 1 (beam search) is not supported with a compressed paged cache")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise ValueError("assisted generation is not supported with a compressed paged cache")
-        cache = kwargs.pop("past_key_values", None)
-        cache = kwargs.pop("cache", None) if cache is None else cache
+        cache, renamed = kwargs.pop("past_key_values", None), kwargs.pop("cache", None)   # renamed in 5.24
+        cache = renamed if cache is None else cache
         if cache is None:
             cache = self.new_cache(shots, kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None))
         elif not isinstance(cache, PagedCache):
