@@ -1,11 +1,12 @@
-"""Shims for the parts of transformers' Cache API that changed within 5.x.
+"""Shims for what changed within transformers 5.x that the integration and the SmolLM2 loader meet.
 
 The integration (:mod:`.transformers`) is written once against the interfaces every 5.x has
 (``Cache``/``CacheLayerMixin``, ``AttentionInterface``, ``AttentionMaskInterface``, the SDPA attention
-function). Where 5.x renamed or re-typed a hook that a ``Cache`` must implement, the difference is
-absorbed here, one shim per change, each saying which releases need which side. Checked against the
-sources of every 5.x minor release, 5.0.0 to 5.24.0; CI runs both ends (the transformers kvpress pins,
-and the newest release).
+function). Where 5.x renamed or re-typed a hook that a ``Cache`` must implement, or changed how a GGUF
+file loads, the difference is absorbed here, one shim per change, each saying which releases need
+which side (read from the sources of the last patch of every 5.x minor release, 5.0.0 to 5.24.0).
+Tested: CI runs both ends (5.2.0, what kvpress pins, and the newest release); the integration and
+model-family tests also passed by hand on 5.0.0 and 5.13.1.
 """
 
 from __future__ import annotations
