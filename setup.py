@@ -77,8 +77,13 @@ class CMakeBuild(build_ext):
 ext_modules = [CMakeExtension("kvpress_kernels._C")] if _want_cuda() else []
 
 extras = {
-    "transformers": ["transformers>=4.56,<5.3", "gguf>=0.10", "accelerate"],
-    "kvpress": ["kvpress>=0.5"],
+    # The integration needs transformers 5 (its Cache-layer and attention interfaces) and runs on every
+    # 5.x release to the newest (shims for the changes within 5.x: integrations/_compat.py). No upper
+    # bound of ours. CI tests both ends it can: the transformers kvpress pins (`make test`) and the
+    # newest release without kvpress (`make test-latest`).
+    "transformers": ["transformers>=5.0", "gguf>=0.10", "accelerate"],
+    # kvpress itself pins transformers (0.5.5: >=4.56,<5.3), and pip applies its pin when it is installed.
+    "kvpress": ["kvpress>=0.5", "transformers>=5.0"],
     "flash-attn": ["flash-attn"],
     "bench": ["matplotlib", "tqdm"],
     "test": ["pytest", "hypothesis", "numpy"],

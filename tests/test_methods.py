@@ -122,30 +122,6 @@ def test_snapkv_matches_naive(lengths, Hq, Hkv, window, kernel, pooling, ratio):
             assert got[b, h] == naive_topk(s, budget, prot), (b, h)
 
 
-@pytest.mark.parametrize("n", [50, 203, 1000])
-@pytest.mark.parametrize("L", [1, 4, 30])
-@pytest.mark.parametrize("ratio", [0.25, 0.625, 0.875])
-def test_pyramidkv_budgets_follow_kvpress(n, L, ratio):
-    """Our layer budgets equal kvpress's PyramidKVPress.get_layer_budget (the reference formula).
-
-    Ratios are dyadic so that kvpress's ``1 - compression_ratio`` is exactly our ``keep_ratio``
-    (otherwise float noise can move a ``round`` at .5 by one token)."""
-    kvpress = pytest.importorskip("kvpress")
-    from types import SimpleNamespace
-    W = 16
-    press = kvpress.PyramidKVPress(compression_ratio=1 - ratio, window_size=W)
-    ours = PyramidKV(ratio, window_size=W)
-    for layer in range(L):
-        module = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=L), layer_idx=layer)
-        assert ours.layer_budget(layer, L, n) == press.get_layer_budget(module, n), layer
-    budgets = [ours.layer_budget(layer, L, n) for layer in range(L)]
-    assert budgets == sorted(budgets, reverse=True)
-    # same total as SnapKV at the same ratio, up to rounding (one token per layer); with a single
-    # layer kvpress's formula gives that layer the pyramid's top (its quirk, which we follow)
-    if L > 1:
-        assert abs(sum(budgets) - L * n * ratio) <= L
-
-
 def test_pyramidkv_prefill_uses_layer_budget():
     lengths = [120, 97]
     for layer in (0, 3):

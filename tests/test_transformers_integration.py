@@ -372,3 +372,102 @@ def test_forward_without_cache_inside_the_context_is_plain_sdpa():
     with kk.compress(model, kk.SnapKV(0.5)):
         got = model(ids, attention_mask=mask, use_cache=False).logits
     assert torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------------------
+# the transformers-version shims (integrations/_compat.py), each on both of its sides
+# ------------------------------------------------------------------------------------------------
+
+def test_compat_mask_sizes_take_cache_position_or_query_length():
+    """transformers 5.0-5.3 pass a cache_position tensor to get_mask_sizes, 5.4+ an int: same answer."""
+    from kvpress_kernels.integrations._compat import mask_query_length
+    model = tiny_llama(4, 2, 16)
+    cache = PagedCache(model, None)
+    assert mask_query_length(torch.arange(3, 8)) == 5 and mask_query_length(5) == 5
+    assert cache.get_mask_sizes(torch.arange(0, 7), 0) == cache.get_mask_sizes(7, 0) == (7, 0)
+    assert cache.layers[1].get_mask_sizes(torch.arange(0, 7)) == cache.layers[1].get_mask_sizes(7) == (7, 0)
+    ids, mask, _ = prompts(1)
+    with kk.compress(model, None) as s:
+        model.generate(ids, attention_mask=mask, max_new_tokens=2)
+    n = ids.shape[1] + 1                                          # prompt + the one decoded token fed back
+    assert s.cache.get_mask_sizes(torch.arange(n, n + 1), 0) == s.cache.get_mask_sizes(1, 0) == (n + 1, 0)
+
+
+def test_compat_max_length_under_both_names():
+    """get_max_cache_shape (5.0-5.19) and get_max_length (5.13+): both say "no maximum", on the cache and
+    on every layer (a layer class missing the abstract one of the installed version cannot be built)."""
+    cache = PagedCache(tiny_llama(4, 2, 16), None)
+    assert cache.get_max_length() == cache.get_max_cache_shape() == -1
+    for layer in cache.layers:
+        assert layer.get_max_length() == layer.get_max_cache_shape() == -1
+
+
+def test_compat_cache_keyword_follows_the_model_signature():
+    """The cache goes to generate under the name the model's forward takes: `cache` (5.24+) or
+    `past_key_values` (5.0-5.23); a user may pass either to the session's generate."""
+    import inspect
+    from kvpress_kernels.integrations._compat import cache_kwarg
+    model = tiny_llama(4, 2, 16)
+    params = inspect.signature(type(model).forward).parameters
+    assert cache_kwarg(model) == ("past_key_values" if "past_key_values" in params else "cache")
+    assert cache_kwarg(model) in params
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None):
+            pass
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None):
+            pass
+
+    assert cache_kwarg(Old()) == "past_key_values" and cache_kwarg(New()) == "cache"
+    ids, mask, _ = prompts(1)
+    want = stock(model, ids, mask)
+    for name in ("past_key_values", "cache"):
+        with kk.compress(model, None) as s:
+            mine = s.new_cache()
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **{name: mine})
+        assert s.cache is mine and torch.equal(got, want)
+
+
+def test_compat_saveable_gguf_model_detaches_only_a_dense_gguf_quantizer():
+    """transformers 5.20+ keep a GGUF quantizer on a GGUF-loaded model, which blocks save_pretrained
+    even when every weight is dense; the shim detaches it (and its config) for the save only."""
+    from types import SimpleNamespace
+    from kvpress_kernels.integrations._compat import saveable_gguf_model
+    model = tiny_llama(4, 2, 16)
+    with saveable_gguf_model(model):                               # 5.0-5.19: no quantizer, nothing to do
+        assert getattr(model, "hf_quantizer", None) is None
+    qc = SimpleNamespace(quant_method=SimpleNamespace(value="gguf"))
+    dense = SimpleNamespace(quantization_config=qc, packed_modules={})
+    model.hf_quantizer, model.config.quantization_config = dense, qc
+    with saveable_gguf_model(model):
+        assert model.hf_quantizer is None and "quantization_config" not in model.config.__dict__
+    assert model.hf_quantizer is dense and model.config.quantization_config is qc
+    packed = SimpleNamespace(quantization_config=qc, packed_modules={"lm_head": object()})
+    model.hf_quantizer = packed
+    with saveable_gguf_model(model):                               # packed blocks: left alone
+        assert model.hf_quantizer is packed and model.config.quantization_config is qc
+    model.hf_quantizer = None
+    del model.config.quantization_config
+
+
+@pytest.mark.parametrize("adds_bos", [False, True], ids=["like-5.6+", "like-5.0-5.5"])
+def test_compat_gguf_tokenizer_bos_first(adds_bos):
+    """GGUF tokenizers prepend BOS up to transformers 5.5 and not from 5.6: after the shim, exactly one
+    BOS first either way (offsets of the text tokens unchanged)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from kvpress_kernels.integrations._compat import gguf_tokenizer_bos_first
+    vocab = {"<unk>": 0, "<s>": 1, "Q": 2, ":": 3, "hi": 4}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    single = "<s> $A" if adds_bos else "$A"
+    raw.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>")
+    assert tok("Q: hi").input_ids == ([1, 2, 3, 4] if adds_bos else [2, 3, 4])
+    gguf_tokenizer_bos_first(tok)
+    enc = tok("Q: hi", return_offsets_mapping=True)
+    assert enc.input_ids == [1, 2, 3, 4]
+    assert enc.offset_mapping[1:] == [(0, 1), (1, 2), (3, 5)]
+    assert tok("Q: hi", add_special_tokens=False).input_ids == [2, 3, 4]

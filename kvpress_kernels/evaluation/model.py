@@ -86,6 +86,8 @@ def load_smollm2(*, device: str = "cpu", use_cache_dir: bool = True, verbose: bo
         if use_cache_dir:
             _save_cache(model, tok, cached)
     model.eval()
+    from ..integrations._compat import gguf_tokenizer_bos_first
+    gguf_tokenizer_bos_first(tok)                 # transformers >= 5.6 stopped prepending BOS
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     _ = transformers
@@ -96,7 +98,9 @@ def _save_cache(model, tok, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        model.save_pretrained(tmp)
+        from ..integrations._compat import saveable_gguf_model
+        with saveable_gguf_model(model):          # transformers >= 5.20 attach a GGUF quantizer
+            model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         try:
             tmp.rename(target)                    # atomic: a concurrent loader never sees half a copy

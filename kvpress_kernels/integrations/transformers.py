@@ -25,8 +25,10 @@ stored token is real. Left padding (what ``generate`` wants for decoder-only mod
 both work; positions (RoPE) are whatever transformers gave the tokens.
 
 Not supported (clear errors): beam search and other generation modes that reorder, crop or repeat the
-cache; models whose attention does not go through ``AttentionInterface`` or that have sliding-window
-layers; one cache shared by two models.
+cache; models whose attention does not go through ``AttentionInterface``, that have sliding-window
+layers or attention logit soft-capping; one cache shared by two models. Supported families (tested on
+tiny configs in tests/test_model_families.py): see the README. Works on transformers 5.0 to the newest
+5.x; the few Cache-API changes within 5.x are absorbed by the shims in :mod:`._compat`.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from ..cache import PagedKVCache
 from ..methods.base import CompressionMethod, DecodeInputs, GenerationInfo, PrefillInputs
 from ..ops.decode_attention import paged_decode_attention
 from ..shots import normalize_batch_shots
+from ._compat import MaxLengthCompat, cache_kwarg, mask_query_length
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin
@@ -105,7 +108,8 @@ class _ModelSpec:
         if not getattr(type(model), "_supports_attention_backend", False):
             raise ValueError(f"model {name} does not route its attention through transformers' AttentionInterface, "
                              "so the paged attention cannot be plugged in; supported: Llama-like models "
-                             "(Llama, Mistral without sliding window, Qwen2/3, SmolLM2, ...)")
+                             "(Llama, SmolLM2, Qwen2/3, Mistral and Phi-3 without sliding window, Gemma-2/3 "
+                             "with full attention layers only; see the README)")
         text_cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
         attn = [m for m in model.modules()
                 if all(hasattr(m, a) for a in ("layer_idx", "num_key_value_groups", "head_dim", "scaling"))]
@@ -114,10 +118,20 @@ class _ModelSpec:
             raise ValueError(f"model {name} is not Llama-like: expected one attention module with layer_idx, "
                              f"num_key_value_groups, head_dim and scaling per layer ({L} layers), found {len(attn)}")
         layer_types = getattr(text_cfg, "layer_types", None)
-        if getattr(text_cfg, "sliding_window", None) or (
-                layer_types is not None and any(t != "full_attention" for t in layer_types)):
+        # Where a config lists layer_types (Qwen2/3, Gemma-2/3, ...) they decide which layers slide (a
+        # sliding_window value alone is then unused); where it does not (Mistral, Phi-3) sliding_window does.
+        if layer_types is not None:
+            sliding = any(t != "full_attention" for t in layer_types) or \
+                any(getattr(m, "sliding_window", None) for m in attn)
+        else:
+            sliding = bool(getattr(text_cfg, "sliding_window", None))
+        if sliding:
             raise ValueError(f"model {name} has sliding-window or chunked attention layers, which the paged "
-                             "cache does not support")
+                             "cache does not support (it keeps every layer's whole context)")
+        softcap = getattr(text_cfg, "attn_logit_softcapping", None)
+        if softcap:
+            raise ValueError(f"model {name} uses attention logit soft-capping (attn_logit_softcapping={softcap}), "
+                             "which the paged decode attention does not apply")
         Hq = int(text_cfg.num_attention_heads)
         Hkv = int(getattr(text_cfg, "num_key_value_heads", None) or Hq)
         if Hq % Hkv != 0:
@@ -140,7 +154,7 @@ def _register() -> None:
 # The cache
 # ------------------------------------------------------------------------------------------------
 
-class _LayerView(CacheLayerMixin):
+class _LayerView(MaxLengthCompat, CacheLayerMixin):
     """What transformers may ask one layer of the cache; the data lives in the shared PagedKVCache."""
 
     is_sliding = False
@@ -154,23 +168,20 @@ class _LayerView(CacheLayerMixin):
     def lazy_initialization(self, key_states, value_states) -> None:  # pragma: no cover - never lazy
         return None
 
-    def update(self, key_states, value_states, cache_kwargs=None):
-        return self.parent.update(key_states, value_states, self.layer, cache_kwargs)
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.parent.update(key_states, value_states, self.layer)
 
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.parent.get_seq_length() + cache_position.shape[0], 0
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        return self.parent.get_seq_length() + mask_query_length(query), 0
 
     def get_seq_length(self) -> int:
         return self.parent.get_seq_length()
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def reset(self) -> None:
         self.parent.reset()
 
 
-class PagedCache(Cache):
+class PagedCache(MaxLengthCompat, Cache):
     """A ``transformers.Cache`` whose K/V live in a :class:`~kvpress_kernels.cache.PagedKVCache` and that
     compresses with ``method`` (``None``: no compression, the same paged path).
 
@@ -228,7 +239,8 @@ class PagedCache(Cache):
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: Optional[Dict[str, Any]] = None):
+               *args, **kwargs):
+        # the extra arguments (``cache_kwargs`` up to transformers 5.3, ``kwargs=`` from 5.24) are not needed
         pending = getattr(_STATE, "pending", None)
         if pending is not None and pending[0] is self:
             _STATE.pending = None
@@ -267,11 +279,8 @@ class PagedCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen
 
-    def get_mask_sizes(self, cache_position: torch.Tensor, layer_idx: int = 0) -> tuple[int, int]:
-        return self._seen + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
-        return -1
+    def get_mask_sizes(self, query, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen + mask_query_length(query), 0
 
     @property
     def is_compileable(self) -> bool:
@@ -473,6 +482,9 @@ def paged_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
                                       is_causal=is_causal, **kwargs)
     _STATE.pending = None
     cache, layer, phase = pending
+    if kwargs.get("softcap") or kwargs.get("sliding_window"):   # a model whose config did not say so
+        raise ValueError(f"{cache.spec.model_name} layer {layer} asks for attention logit soft-capping or a sliding "
+                         "window, which the paged cache and decode attention do not support")
     if id(module) not in cache.spec.module_ids:
         raise ValueError(f"this PagedCache was built for another model ({cache.spec.model_name}): a cache cannot be "
                          "used across models; create one per model (compress() does)")
@@ -518,7 +530,8 @@ class CompressionSession:
             raise ValueError("num_beams > 1 (beam search) is not supported with a compressed paged cache")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
             raise ValueError("assisted generation is not supported with a compressed paged cache")
-        cache = kwargs.pop("past_key_values", None)
+        cache, renamed = kwargs.pop("past_key_values", None), kwargs.pop("cache", None)   # renamed in 5.24
+        cache = renamed if cache is None else cache
         input_ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
         if input_ids is not None:  # (inputs_embeds callers pass none)
             V.generation_inputs(model, input_ids, kwargs.get("attention_mask"), shots if shots is not None
@@ -533,7 +546,7 @@ class CompressionSession:
                              "across models")
         self.cache = cache
         try:
-            out = type(model).generate(model, *args, past_key_values=cache, **kwargs)
+            out = type(model).generate(model, *args, **{cache_kwarg(model): cache}, **kwargs)
         finally:
             _STATE.pending = None
         cache.finish()
