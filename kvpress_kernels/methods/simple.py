@@ -87,3 +87,27 @@ class KNorm(CompressionMethod):
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
         return topk_per_head(self.token_scores(inputs), budgets, inputs.lengths, backend=inputs.info.backend)
+
+
+class ScorerTopK(CompressionMethod):
+    """Per-(sequence, kv head) top-``budget`` of token scores supplied by the host: kvpress's
+    ``ScorerPress`` rule, for a host scorer this package has no method of (a kvpress press that is not
+    ours, wrapped by :class:`~kvpress_kernels.integrations.kvpress.ChunkKVPress`).
+
+    ``scores(inputs) -> [B, Hkv, N]`` (higher = keep) is called once per layer."""
+
+    def __init__(self, keep_ratio: float = 0.5, *, scores, budget_rounding: str = "ceil"):
+        super().__init__(keep_ratio, budget_rounding=budget_rounding)
+        if not callable(scores):
+            raise TypeError(f"scores must be callable(inputs) -> [B, Hkv, N], got {type(scores).__name__}")
+        self._scores = scores
+
+    def token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
+        return self._scores(inputs).float()
+
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        lengths = [int(n) for n in inputs.info.prompt_lengths]
+        budgets = [self.budget(n) for n in lengths]
+        if all(b >= n for b, n in zip(budgets, lengths)):
+            return None
+        return topk_per_head(self.token_scores(inputs), budgets, inputs.lengths, backend=inputs.info.backend)
