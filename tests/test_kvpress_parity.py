@@ -16,6 +16,7 @@ pads all window scores to the same ``max + 1``, which would tie if the budget cu
 
 import copy
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -413,9 +414,10 @@ def test_pipeline_question_aware(pipe, tokenizer, kind):
 # ShotKV
 # --------------------------------------------------------------------------------------------------
 
-def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget):
-    """Python greedy over float64 token scores ``tok[j]``: protected = non-shot tokens and shots
-    reaching into the window; then whole shots by mean score, skipping those that do not fit."""
+def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget, policy):
+    """Python greedy over float64 token scores ``tok[j]`` (ShotKV's rule, written independently):
+    protected = non-shot tokens and shots reaching into the window, counted inside ``budget``; then whole
+    shots by mean score while they fit (``stop``: the first that does not fit ends it)."""
     in_shot = set()
     for s, e in spans:
         in_shot |= set(range(s, e))
@@ -431,42 +433,45 @@ def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget):
         if e - s <= room:
             kept |= set(range(s, e))
             room -= e - s
+        elif policy == "stop":
+            break
     return kept
 
 
-def _top_up(kept_sets, tok_rows, n_ctx):
-    K = max(len(k) for k in kept_sets)
-    out = []
-    for kept, tok in zip(kept_sets, tok_rows):
-        rest = sorted((j for j in range(n_ctx) if j not in kept), key=lambda j: (-float(tok[j]), j))
-        out.append(sorted(kept | set(rest[: K - len(kept)])))
-    return out
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_shotkv_keeps_whole_shots_by_attention(models, batch):
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_shotkv_press_is_shotkv_keeps_whole_shots_by_attention(models, policy):
+    """ShotKVPress runs ShotKV: whole shots by window attention (float64 oracle from eager attention),
+    protected tokens inside ceil(keep * N), the kvpress cache holding exactly what the method keeps."""
     model_s, model_e = models["gqa2"]
-    ids = _ids(batch)
+    ids = _ids(1)
     W, ratio = 6, 0.5
-    spans_b = [[(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)],
-               [(1, 9), (10, 24), (24, 30), (33, 45), (45, 52)]][:batch]
-    press = kk.ShotKVPress(ratio, window_size=W, shots=spans_b if batch > 1 else spans_b[0])
+    spans = [(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)]
+    press = kk.ShotKVPress(ratio, window_size=W, shots=spans, policy=policy)
     cache, full = run_press(model_s, press, ids)
     with torch.no_grad():
         attn = model_e(ids, output_attentions=True).attentions
-    budget = kk.n_kept(N_CTX, ratio)
+    budget = math.ceil((1 - ratio) * N_CTX)
     dropped_some = False
     for layer, a in enumerate(attn):
-        tok = a.double()[:, :, -W:, :].sum((1, 2))  # [B, N]
-        sets = [_shotkv_oracle(tok[b], spans_b[b], N_CTX, N_CTX, W, budget) for b in range(batch)]
-        want = _top_up(sets, tok, N_CTX)
+        tok = a.double()[0, :, -W:, :].sum((0, 1))  # [N]
+        want = sorted(_shotkv_oracle(tok, spans, N_CTX, N_CTX, W, budget, policy))
         pos = kept_positions(cache.layers[layer].keys, full[layer][0])
-        for b in range(batch):
-            for h in range(pos.shape[1]):  # one kept set for every head of the layer
-                assert pos[b, h].tolist() == want[b]
-            dropped_some |= any(not set(range(s, e)) <= set(want[b]) for s, e in spans_b[b])
+        for h in range(pos.shape[1]):  # one kept set for every head of the layer
+            assert pos[0, h].tolist() == want
+        dropped_some |= any(not set(range(s, e)) <= set(want) for s, e in spans)
         assert pos.shape[-1] <= budget
+        assert press.method.stats["kept_tokens"][layer] == [len(want)]
     assert dropped_some
+    assert press.method.stats["over_budget"] == {}
+
+
+def test_shotkv_press_ragged_batch_is_an_error(models):
+    """Whole shots make sequences keep different counts; a kvpress cache is rectangular, and topping rows
+    up with single tokens (the old press) would break whole shots: say so instead."""
+    spans_b = [[(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)],
+               [(1, 9), (10, 24), (24, 30), (33, 45), (45, 52)]]
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        run_press(models["gqa2"][0], kk.ShotKVPress(0.5, window_size=6, shots=spans_b), _ids(2))
 
 
 def test_shotkv_pattern_equals_spans_and_protects_window(models, tokenizer):
@@ -490,13 +495,18 @@ def test_shotkv_pattern_equals_spans_and_protects_window(models, tokenizer):
         assert 2 <= len(kept_shots) < len(spans)
 
 
-def test_shotkv_protected_tokens_over_budget_keeps_them(models):
+def test_shotkv_protected_tokens_over_budget_keeps_them_and_says_so(models):
     model = models["gqa2"][0]
     # (shots may also be an int tensor [S, 2])
-    cache, full = run_press(model, kk.ShotKVPress(0.9, window_size=8, shots=torch.tensor([[20, 30]])), _ids(1))
+    press = kk.ShotKVPress(0.9, window_size=8, shots=torch.tensor([[20, 30]]))
+    with pytest.warns(UserWarning, match="exceed the budget"):
+        cache, full = run_press(model, press, _ids(1))
     for layer in range(3):
         pos = kept_positions(cache.layers[layer].keys, full[layer][0])[0, 0].tolist()
         assert pos == [j for j in range(N_CTX) if not 20 <= j < 30]
+    st = press.method.stats
+    assert st["budget_tokens"] == [math.ceil(0.1 * N_CTX)] and st["protected_tokens"] == [N_CTX - 10]
+    assert st["over_budget"] == {0: [0], 1: [0], 2: [0]}
 
 
 # --------------------------------------------------------------------------------------------------
