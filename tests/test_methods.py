@@ -455,6 +455,15 @@ def test_keep_ratio_outside_unit_interval(cls, bad, err):
     (lambda: ShotKV(0.5, window_size=0), "window_size"),
     (lambda: H2O(0.5, recent_ratio=1.5), "recent_ratio"),
     (lambda: StreamingLLM(0.5, n_sink=-1), "n_sink"),
+    (lambda: SnapKV(0.5, budget_rounding="round"), "budget_rounding"),
+    (lambda: KNorm(0.5, budget_rounding=1), "budget_rounding"),
+    (lambda: ShotKV(0.5, budget_rounding="up"), "budget_rounding"),
+    (lambda: SnapKV(0.5, window_score="pad"), "window_score"),
+    (lambda: H2O(0.5, normalize="keys"), "normalize"),
+    (lambda: ChunkKV(0.5, chunk_budget="segments"), "chunk_budget"),
+    (lambda: ChunkKV(0.5, batch_choice="last"), "batch_choice"),
+    (lambda: ChunkKV(0.5, scorer=object()), "scorer"),
+    (lambda: SnapKV.kvpress(1.0), "keep_ratio"),
 ])
 def test_bad_method_parameters(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
