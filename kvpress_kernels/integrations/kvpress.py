@@ -606,6 +606,10 @@ class ChunkKVPress(_MethodPress, BasePress):
         if isinstance(self.press, _MethodPress):
             self.press._check_prompt(n_prompt, n_ctx)
 
+    @property
+    def _scale_from(self):  # the scorer's convention (kvpress's SnapKV: 1/sqrt(head_dim))
+        return self.press._scale_from if isinstance(self.press, _MethodPress) else "module"
+
     def _build_method(self):
         cr = _check_ratio("compression_ratio", self.press.compression_ratio)
         scorer = self.press._build_method() if isinstance(self.press, _MethodPress) else _ForeignScorer(self.press)

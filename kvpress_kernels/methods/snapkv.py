@@ -137,19 +137,38 @@ class SnapKV(CompressionMethod):
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None  # keeps everything: skip the scoring
         B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
-        dev = inputs.keys.device
-        rows = inputs.lengths if keep_len == lengths else to_device(keep_len, dev)
+        rows, protect = self._host_plan(inputs, tuple(budgets))
         if self.window_score == "max_plus_one":
             return topk_per_head(self.token_scores(inputs), budgets, rows, backend=info.backend)
         scores = self.window_scores(inputs)                                   # [B, Hkv, N]
-        windows = self.windows(lengths)
-        # the window counts against the budget first; a budget smaller than the window keeps its tail
-        # (of the keepable tokens: with context_lengths the window may reach into the dropped question)
-        protect_len = [max(0, k - max(n - w, 0)) for n, w, k in zip(lengths, windows, keep_len)]
-        protect_from = to_device([k - min(p, b) for k, p, b in zip(keep_len, protect_len, budgets)], dev)
-        j = torch.arange(N, device=dev)
-        protect = (j.view(1, 1, N) >= protect_from.view(B, 1, 1)).expand(B, Hkv, N).reshape(B * Hkv, N)
         return topk_per_head(scores, budgets, rows, protect=protect, backend=info.backend)
+
+    def _host_plan(self, inputs: PrefillInputs, budgets: tuple):
+        """Row lengths and the protected-window mask for these budgets, built once per generation (per
+        distinct budget vector: one for SnapKV, one per layer for PyramidKV) and reused by the layers."""
+        info = inputs.info
+        memo = getattr(self, "_memo", None)
+        if memo is None or memo[0] is not info:
+            memo = self._memo = (info, {})
+        key = (budgets, inputs.keys.shape[2], inputs.keys.shape[1])
+        if key in memo[1]:
+            return memo[1][key]
+        lengths = [int(n) for n in info.prompt_lengths]
+        keep_len = [int(n) for n in info.keep_lengths()]
+        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
+        dev = inputs.keys.device
+        rows = inputs.lengths if keep_len == lengths else to_device(keep_len, dev)
+        protect = None
+        if self.window_score == "protect":
+            windows = self.windows(lengths)
+            # the window counts against the budget first; a budget smaller than the window keeps its tail
+            # (of the keepable tokens: with context_lengths the window may reach into the dropped question)
+            protect_len = [max(0, k - max(n - w, 0)) for n, w, k in zip(lengths, windows, keep_len)]
+            protect_from = to_device([k - min(p, b) for k, p, b in zip(keep_len, protect_len, budgets)], dev)
+            j = torch.arange(N, device=dev)
+            protect = (j.view(1, 1, N) >= protect_from.view(B, 1, 1)).expand(B, Hkv, N).reshape(B * Hkv, N)
+        memo[1][key] = (rows, protect)
+        return rows, protect
 
 
 class PyramidKV(SnapKV):
