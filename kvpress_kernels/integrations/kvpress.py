@@ -1,25 +1,26 @@
-"""kvpress presses whose scores and selections are computed by kvpress-kernels' ops.
+"""kvpress presses that are adapters over :mod:`kvpress_kernels.methods` (DESIGN.md §7, "one method layer").
 
-Drop-in replacements for NVIDIA kvpress's presses (DESIGN.md §7): they plug into kvpress's
+Drop-in replacements for NVIDIA kvpress's presses: they plug into kvpress's
 ``pipeline("kv-press-text-generation")`` and its ``with press(model):`` context manager, take
 kvpress's ``compression_ratio`` (the fraction of tokens REMOVED, not our ``keep_ratio``), and keep
-exactly the tokens kvpress's own press keeps on the same model and input. Scoring runs through
-:func:`~kvpress_kernels.ops.scoring.attention_mass` / :func:`~kvpress_kernels.ops.scoring.token_norm`,
-chunk and shot scores through :func:`~kvpress_kernels.ops.segments.segment_reduce`, and every
-choice of kept tokens or segments through :func:`~kvpress_kernels.ops.selection.select_topk` /
-:func:`~kvpress_kernels.ops.selection.select_segments`.
+exactly the tokens kvpress's own press keeps on the same model and input. This module is hook
+plumbing only: each press builds the layer's :class:`~kvpress_kernels.methods.PrefillInputs` from
+kvpress's forward hook and runs the :class:`~kvpress_kernels.methods.CompressionMethod` that
+:func:`kvpress_kernels.compress` runs too, configured by the method's ``kvpress(compression_ratio)``
+constructor (kvpress's budget rounding, window padding, chunk counting, ... as explicit options);
+then it gathers the kept tokens. No selection or budget rule lives here.
 
-===========================  =====================================================================
-press                        kvpress equivalent (same kept tokens, same cache contents)
-===========================  =====================================================================
-:class:`SnapKVPress`         ``kvpress.SnapKVPress``
-:class:`PyramidKVPress`      ``kvpress.PyramidKVPress``
-:class:`StreamingLLMPress`   ``kvpress.StreamingLLMPress``
-:class:`KnormPress`          ``kvpress.KnormPress``
-:class:`ObservedAttentionPress`  ``kvpress.ObservedAttentionPress`` (needs no eager attention here)
-:class:`ChunkKVPress`        ``kvpress.ChunkKVPress``
-:class:`ShotKVPress`         none: ShotKV (Liu et al. 2025), shot-level selection
-===========================  =====================================================================
+===========================  ==============================  =========================================
+press                        kvpress equivalent              method it runs
+===========================  ==============================  =========================================
+:class:`SnapKVPress`         ``kvpress.SnapKVPress``         ``SnapKV.kvpress``
+:class:`PyramidKVPress`      ``kvpress.PyramidKVPress``      ``PyramidKV.kvpress``
+:class:`StreamingLLMPress`   ``kvpress.StreamingLLMPress``   ``StreamingLLM.kvpress``
+:class:`KnormPress`          ``kvpress.KnormPress``          ``KNorm.kvpress``
+:class:`ObservedAttentionPress`  ``kvpress.ObservedAttentionPress`` (no eager attention needed)  ``H2O.kvpress``
+:class:`ChunkKVPress`        ``kvpress.ChunkKVPress``        ``ChunkKV.kvpress(scorer=<inner method>)``
+:class:`ShotKVPress`         none                            ``ShotKV`` (its own defaults)
+===========================  ==============================  =========================================
 
 Order of the cache: kvpress gathers ``scores.topk(n).indices``, i.e. in score order; these presses
 keep the kept tokens in their original POSITION order (``select_topk``'s ``kept_idx``). The set of
@@ -32,8 +33,8 @@ Give ``question_ids`` (see :func:`pipeline_question_ids`) and the prefill forwar
 ``context + question``: the last ``window_size`` queries of that sequence score the context, then the
 question's keys and values are dropped from the cache, so the pipeline can ask the question as usual.
 
-Quirks of kvpress that are reproduced on purpose, and where results may legitimately differ, are
-listed in ``docs/KVPRESS.md``.
+kvpress's conventions (the method options and their kvpress values), and where results may
+legitimately differ, are listed in ``docs/KVPRESS.md``.
 
 kvpress is an optional dependency: ``pip install kvpress-kernels[kvpress]``.
 """

@@ -11,7 +11,7 @@ from .. import _validate as V
 from ..ops.scoring import attention_mass
 from ..ops.selection import select_topk
 from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, scores_by_group,
-                   to_device)
+                   to_device, window_mass)
 
 NORMALIZE = ("none", "queries")
 from .shotkv import shared_scores_by_position
@@ -191,13 +191,7 @@ class TOVA(CompressionMethod):
         B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
         dev = inputs.keys.device
 
-        def score(idx, n, w):
-            sel = to_device(idx, dev, torch.long)
-            q = inputs.queries.index_select(0, sel)[:, :, n - 1:n].contiguous()
-            k = inputs.keys.index_select(0, sel)[:, :, :n]
-            return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
-
-        scores = scores_by_group(lengths, [1] * B, N, score)                              # [B, N]
+        scores = window_mass(inputs, [1] * B, "all_sum")                                  # [B, N], one launch
         shared = scores.unsqueeze(1).expand(B, Hkv, N)
         last = to_device([n - 1 for n in lengths], dev)
         protect = (torch.arange(N, device=dev).view(1, 1, N) == last.view(B, 1, 1)).expand(B, Hkv, N)
