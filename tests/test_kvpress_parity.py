@@ -260,6 +260,17 @@ def test_kvpress_wrapper_uses_our_scores(models):
     assert_parity(theirs, mixed, full)
 
 
+@pytest.mark.parametrize("n", [37, 7])  # 7 < chunk_length: the fallback to the inner press's compression
+def test_our_chunkkv_over_a_kvpress_scorer(models, n):
+    """Our ChunkKVPress over a kvpress press that is not ours (wrapped as a ScorerTopK method calling its
+    score()) equals kvpress's all-native ChunkKVPress."""
+    model = models["gqa2"][0]
+    ids = _ids(2, n=n)
+    theirs, full = run_press(model, kvpress.ChunkKVPress(kvpress.KnormPress(0.5), chunk_length=8), ids)
+    mixed, _ = run_press(model, kk.ChunkKVPress(kvpress.KnormPress(0.5), chunk_length=8), ids)
+    assert_parity(theirs, mixed, full)
+
+
 def test_observed_attention_needs_no_eager(models):
     """kvpress's ObservedAttentionPress needs eager attention weights; ours scores with the causal
     all-queries attention_mass and so runs under SDPA, keeping what kvpress keeps under eager (SDPA and
