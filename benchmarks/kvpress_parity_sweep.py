@@ -9,7 +9,9 @@ with 20-token chunks). For each, the kept positions per layer and kv head of
 - our press (``kvpress_kernels.integrations.kvpress``), and
 - our method with its ``kvpress()`` options run by ``kvpress_kernels.generate`` (the product path),
 
-are compared; a configuration matches when every layer and head keeps exactly the same set. Also reported:
+are compared; a configuration matches when every layer and head keeps exactly the same set. Configurations
+where kvpress cuts inside a tie of equal window scores (:func:`window_tie`: its choice is then
+``torch.topk``'s unspecified order) are counted apart. Also reported:
 our DEFAULT options (``ceil`` budget, protected window, H2O's unnormalised sum, ChunkKV per sequence in
 tokens) against kvpress, with the smallest Jaccard similarity of the kept sets.
 
@@ -126,6 +128,48 @@ def compare(theirs, ours):
     return exact, jac
 
 
+def window_tie(method: str, n: int, ratio: float) -> bool:
+    """Whether kvpress's selection cuts inside a tie of equal ``max + 1`` window scores, where its choice is
+    ``torch.topk``'s unspecified order among equal values (docs/KVPRESS.md, "Ties"): a SnapKV/PyramidKV budget
+    below the 64-token window, or fewer ChunkKV chunks kept than chunks lying wholly inside the window."""
+    W = 64
+    if method == "snapkv":
+        return SnapKV.kvpress(ratio).budget(n) < W
+    if method == "pyramidkv":
+        m = PyramidKV.kvpress(ratio)
+        return any(m.layer_budget(layer, 2, n) < W for layer in range(2))
+    if method == "chunkkv":
+        n_chunks = -(-n // 20)
+        inside = sum(1 for c in range(n_chunks) if c * 20 >= n - W)
+        return max(1, int(n_chunks * (1 - ratio))) < inside
+    return False
+
+
+def summarize(rows):
+    free = [r for r in rows if not window_tie(r["method"], r["n"], r["ratio"])]
+    return {"configurations": len(rows), "tie_free": len(free),
+            "press_exact": sum(bool(r["press_exact"]) for r in rows),
+            "method_exact": sum(bool(r["method_exact"]) for r in rows),
+            "press_exact_tie_free": sum(bool(r["press_exact"]) for r in free),
+            "method_exact_tie_free": sum(bool(r["method_exact"]) for r in free),
+            "default_exact": sum(bool(r["default_exact"]) for r in rows),
+            "default_min_jaccard_by_method": {m: min((r["default_jaccard"] for r in rows if r["method"] == m),
+                                                     default=float("nan")) for m in METHODS}}
+
+
+def rows_from_log(path):
+    """Rows of an interrupted run, from its printed lines."""
+    rows = []
+    for line in open(path):
+        p = line.split()
+        if len(p) < 12 or not p[1].startswith("n="):
+            continue
+        rows.append({"shape": p[0], "n": int(p[1][2:]), "ratio": float(p[2][2:]), "batch": int(p[3][2:]),
+                     "method": p[4], "press_exact": p[6] == "True", "method_exact": p[8] == "True",
+                     "default_exact": p[10] == "True", "default_jaccard": float(p[12].rstrip(")"))})
+    return rows
+
+
 def main():
     global ids_len
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -134,7 +178,11 @@ def main():
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     ap.add_argument("--no-defaults", action="store_true", help="skip the comparison of our default options")
+    ap.add_argument("--summarize-log", default=None, help="only summarize the printed lines of an earlier run")
     args = ap.parse_args()
+    if args.summarize_log:
+        print(json.dumps(summarize(rows_from_log(args.summarize_log)), indent=1))
+        return
     torch.set_grad_enabled(False)
     rows = []
     t0 = time.perf_counter()
@@ -162,15 +210,8 @@ def main():
                 print(f"{shape} n={n} r={ratio} b={batch} {name:18s} press {row['press_exact']!s:5} "
                       f"method {row['method_exact']!s:5} default {row['default_exact']!s:5} "
                       f"(J {row['default_jaccard']:.2f})", flush=True)
-    summary = {"configurations": len(rows), "wall_s": round(time.perf_counter() - t0, 1),
-               "press_exact": sum(r["press_exact"] for r in rows),
-               "method_exact": sum(r["method_exact"] for r in rows),
-               "default_exact": sum(bool(r["default_exact"]) for r in rows),
-               "default_min_jaccard_by_method": {m: min((r["default_jaccard"] for r in rows if r["method"] == m),
-                                                        default=float("nan")) for m in METHODS},
-               "args": vars(args),
-               "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-               "torch": torch.__version__}
+    summary = {**summarize(rows), "wall_s": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+               "args": vars(args)}
     print(json.dumps(summary, indent=1))
     import os
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
