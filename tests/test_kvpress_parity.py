@@ -793,3 +793,17 @@ def test_parity_on_smollm2(smollm2):
     ours, _ = run_press(model, kk.SnapKVPress(0.5, window_size=8), ids)
     assert len(full) == model.config.num_hidden_layers
     assert_parity(theirs, ours, full)
+
+
+@pytest.mark.slow
+def test_methods_on_product_path_match_kvpress_on_smollm2(smollm2):
+    """The real model, through the product path: SnapKV.kvpress under kvpress_kernels.generate keeps what
+    kvpress's SnapKVPress keeps in every one of SmolLM2's 30 layers and 3 kv heads."""
+    model, _ = smollm2
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(100, 40000, (1, 48), generator=g)
+    theirs = _kvpress_positions(model, kvpress.SnapKVPress(0.5, window_size=8), ids)
+    ours = _method_positions(model, SnapKV.kvpress(0.5, window_size=8), ids)
+    assert len(theirs) == model.config.num_hidden_layers
+    for layer in theirs:
+        assert torch.equal(ours[layer], theirs[layer]), layer
