@@ -343,10 +343,12 @@ def test_shotkv_no_compression_when_budget_covers_prompt():
 # H2O, TOVA, KNorm, StreamingLLM
 # ------------------------------------------------------------------------------------------------
 
-def test_h2o_prefill_and_decode_match_naive():
+@pytest.mark.parametrize("normalize", ["none", "queries"])
+def test_h2o_prefill_and_decode_match_naive(normalize):
     lengths, Hq, Hkv = [21, 14], 4, 2
     inp = make_inputs(lengths, Hq, Hkv, seed=7)
-    m = H2O(0.5, recent_ratio=0.25)
+    m = H2O(0.5, recent_ratio=0.25, normalize=normalize)
+    norm = normalize == "queries"
     m.begin(inp.info)
     ev = m.prefill(inp)
     got = kept_sets(ev, 2, Hkv)
@@ -357,8 +359,10 @@ def test_h2o_prefill_and_decode_match_naive():
         budget = budget_tokens(0.5, n)
         recent = int(0.25 * budget)
         for h in range(Hkv):
-            s = mass[h * G:(h + 1) * G].sum(0)
+            s = mass[h * G:(h + 1) * G].sum(0) / (G if norm else 1)
             acc[b, h] = s
+            if norm:
+                s = s / torch.arange(n, 0, -1, dtype=torch.float64)
             assert got[b, h] == naive_topk(s, budget, range(n - recent, n)), (b, h)
     # one decoding step on a cache laid out in kept order plus one new token per row
     S = 16
@@ -382,7 +386,9 @@ def test_h2o_prefill_and_decode_match_naive():
         for h in range(Hkv):
             pos = positions[b, h, :lengths_host[b, h]].tolist()
             total = [float(acc[b, h][p]) if p < n else 0.0 for p in pos]
-            total = [t + float(probs[b, h, s]) for s, t in enumerate(total)]
+            total = [t + float(probs[b, h, s]) / (G if norm else 1) for s, t in enumerate(total)]
+            if norm:  # mean per query that has seen the token: n + 1 - p of them
+                total = [t / (n + 1 - p) for t, p in zip(total, pos)]
             prot = [s for s, p in enumerate(pos) if p >= n + 1 - recent]
             want = naive_topk(total, min(budget, len(pos)), prot)
             kept = ev2.kept_idx[b, h]

@@ -33,7 +33,8 @@ class H2O(CompressionMethod):
     accumulated scores outside the recent window are evicted. ``keep_ratio = 1`` never evicts.
 
     ``normalize="queries"`` divides each key's prefill score by the ``n - j`` queries that see it and
-    averages (instead of sums) over the group: kvpress's ``ObservedAttentionPress``. The two rankings
+    averages (instead of sums) over the group: kvpress's ``ObservedAttentionPress`` (while decoding, the
+    accumulated score is divided by the ``t - j`` queries that have seen the token so far). The two rankings
     differ a lot (the unnormalised sum favours early keys, seen by more queries): on random-weight
     models the kept sets' Jaccard similarity goes down to ~0.4. :meth:`kvpress` gives kvpress 0.5.5's
     options: ``normalize="queries"``, ``recent_ratio=0``, ``budget_rounding="floor"``, prefill only.
@@ -104,12 +105,12 @@ class H2O(CompressionMethod):
                 k = inputs.keys.index_select(0, sel)[:, :, :n]
             return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce=reduce, backend=info.backend)
 
-        scores = scores_by_group(lengths, lengths, N, score)                              # [B, Hkv, N]
-        if self.normalize == "queries":
-            j = torch.arange(N, device=dev, dtype=torch.float32).view(1, 1, N)
-            seen_by = (inputs.lengths.view(-1, 1, 1).to(torch.float32) - j).clamp(min=1.0)
-            scores = scores / seen_by
-        return scores
+        self._raw = scores_by_group(lengths, lengths, N, score)                           # [B, Hkv, N]
+        if self.normalize != "queries":
+            return self._raw
+        j = torch.arange(N, device=dev, dtype=torch.float32).view(1, 1, N)
+        seen_by = (inputs.lengths.view(-1, 1, 1).to(torch.float32) - j).clamp(min=1.0)
+        return self._raw / seen_by
 
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         info = inputs.info
@@ -122,7 +123,8 @@ class H2O(CompressionMethod):
             return None
         scores = self.token_scores(inputs)                                                # [B, Hkv, N]
         if self.needs_decode_probs:
-            self._acc[inputs.layer] = scores.clone()                                     # indexed by position
+            # accumulated (unnormalised) mass, indexed by position; normalize="queries" divides at use
+            self._acc[inputs.layer] = self._raw.clone()
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
         B, Hkv = scores.shape[0], scores.shape[1]
@@ -146,12 +148,18 @@ class H2O(CompressionMethod):
         pos = inputs.positions.long()
         valid = pos >= 0
         idx = pos.clamp(min=0)
-        acc.scatter_add_(2, idx, torch.where(valid, inputs.probs, 0.0))
+        step = inputs.probs
+        if self.normalize == "queries":  # the prefill scores are group means: add the step's group mean too
+            step = step / (info.num_heads // info.num_kv_heads)
+        acc.scatter_add_(2, idx, torch.where(valid, step, 0.0))
         budgets = [self.budget(int(t)) for t in inputs.seen_host]
         new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
         if (new_len == inputs.lengths_host).all():
             return None
         scores = torch.where(valid, acc.gather(2, idx), 0.0)
+        if self.normalize == "queries":  # mean attention per query that has seen the token so far
+            seen_by = (to_device(inputs.seen_host, dev, torch.float32).view(B, 1, 1) - pos.float()).clamp(min=1.0)
+            scores = scores / seen_by
         start = to_device([int(t) - max(1, self._recent(b)) for t, b in zip(inputs.seen_host, budgets)], dev)
         protect = valid & (pos >= start.view(B, 1, 1))
         bud = to_device(new_len.reshape(-1), dev)
@@ -185,7 +193,7 @@ class TOVA(CompressionMethod):
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         info = inputs.info
         lengths = [int(n) for n in info.prompt_lengths]
-        budgets = [budget_tokens(self.keep_ratio, n) for n in lengths]
+        budgets = [self.budget(n) for n in lengths]
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
         B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
@@ -201,7 +209,7 @@ class TOVA(CompressionMethod):
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
         if not self.needs_decode_probs or inputs.probs is None:
             return None
-        budgets = [budget_tokens(self.keep_ratio, int(t)) for t in inputs.seen_host]
+        budgets = [self.budget(int(t)) for t in inputs.seen_host]
         new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
         if (new_len == inputs.lengths_host).all():
             return None
