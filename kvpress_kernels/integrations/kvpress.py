@@ -339,9 +339,6 @@ class _MethodPress(_PrefillAware):
     def _check_prompt(self, n_prompt: int, n_ctx: int) -> None:
         """kvpress's own preconditions on the prompt (it asserts; we raise ValueError)."""
 
-    def post_init_from_model(self, model):
-        pass
-
 
 def _apply_eviction(ev: Eviction, keys: torch.Tensor, values: torch.Tensor, who: str):
     """Keep ``ev.kept_idx`` (position order) of every row. kvpress caches are rectangular: every
