@@ -147,7 +147,7 @@ def test_summary_pairs_and_depth_from_records():
         recs.append({**base, "method": "full", "keep_ratio": 1.0, "score": full_scores[e], "agree": 1.0,
                      "kl": 0.0, "kv_kept": 1.0})
         recs.append({**base, "method": "shotkv", "keep_ratio": 0.3, "score": shot_scores[e],
-                     "agree": float(shot_scores[e] == full_scores[e]), "kl": 0.1, "kv_kept": 0.3})
+                     "agree": float(shot_scores[e] == full_scores[e]), "kl": 0.1, "kv_kept": 0.25})
         recs.append({**base, "method": "snapkv", "keep_ratio": 0.3, "score": snap_scores[e],
                      "agree": float(snap_scores[e] == full_scores[e]), "kl": 0.2, "kv_kept": 0.3})
     summ = {r["method"]: r for r in harness.summarize(recs)}
@@ -158,7 +158,9 @@ def test_summary_pairs_and_depth_from_records():
     pooled = [p for p in harness.paired(recs, cfg) if p["task"] == "all"]
     assert len(pooled) == 1 and pooled[0]["a"] == "shotkv" and pooled[0]["b"] == "snapkv"
     assert pooled[0]["mean_diff"] == 0.25 and pooled[0]["wins"] == 1 and pooled[0]["losses"] == 0
+    assert pooled[0]["kv_kept_a"] == 0.25 and pooled[0]["kv_kept_b"] == 0.3   # compared at what memory
     res = harness.EvalResult(cfg, {}, recs, harness.summarize(recs), harness.paired(recs, cfg), [])
+    assert "| 0.25 | 0.30 |" in harness.format_table(res)
     table = harness.format_depth_table(res, bins=4)
     rows = [ln for ln in table.splitlines() if ln.startswith("| query_aware")]
     assert [ln.split(" | ")[1] for ln in rows] == ["full", "shotkv", "snapkv"]

@@ -16,6 +16,7 @@ pads all window scores to the same ``max + 1``, which would tie if the budget cu
 
 import copy
 import importlib
+import math
 import os
 import subprocess
 import sys
@@ -259,6 +260,17 @@ def test_kvpress_wrapper_uses_our_scores(models):
     assert_parity(theirs, mixed, full)
 
 
+@pytest.mark.parametrize("n", [37, 7])  # 7 < chunk_length: the fallback to the inner press's compression
+def test_our_chunkkv_over_a_kvpress_scorer(models, n):
+    """Our ChunkKVPress over a kvpress press that is not ours (wrapped as a ScorerTopK method calling its
+    score()) equals kvpress's all-native ChunkKVPress."""
+    model = models["gqa2"][0]
+    ids = _ids(2, n=n)
+    theirs, full = run_press(model, kvpress.ChunkKVPress(kvpress.KnormPress(0.5), chunk_length=8), ids)
+    mixed, _ = run_press(model, kk.ChunkKVPress(kvpress.KnormPress(0.5), chunk_length=8), ids)
+    assert_parity(theirs, mixed, full)
+
+
 def test_observed_attention_needs_no_eager(models):
     """kvpress's ObservedAttentionPress needs eager attention weights; ours scores with the causal
     all-queries attention_mass and so runs under SDPA, keeping what kvpress keeps under eager (SDPA and
@@ -288,6 +300,133 @@ def test_observed_attention_matches_float64_formula(models):
         s = s.view(2, 2, 2, N_CTX).mean(2)
         want = s.topk(n, dim=-1).indices.sort(-1).values
         assert torch.equal(kept_positions(ours.layers[layer].keys, full[layer][0]), want)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parity on the product path: kvpress_kernels.methods with their kvpress() options, run by
+# kvpress_kernels.generate (the transformers integration, paged cache), against kvpress's own presses
+# --------------------------------------------------------------------------------------------------
+
+from kvpress_kernels.methods import H2O, ChunkKV, KNorm, PyramidKV, SnapKV, StreamingLLM  # noqa: E402
+
+# (layers, query heads, kv heads, hidden): SmolLM2's GQA 9:3 at head_dim 64, and 8:2 at head_dim 80
+BIG_CONFIGS = {"smol93": (2, 9, 3, 576), "gqa82_d80": (2, 8, 2, 640)}
+BIG_VOCAB = 1200
+
+
+@pytest.fixture(scope="module")
+def big_models():
+    out = {}
+    for i, (name, (layers, heads, kv, hidden)) in enumerate(BIG_CONFIGS.items()):
+        torch.manual_seed(300 + i)
+        cfg = LlamaConfig(vocab_size=BIG_VOCAB, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                          # the same logit spread as the hidden-64 models (std 0.2 there): peaked enough
+                          # that scores are well separated, not so peaked that pooling ties them
+                          initializer_range=0.2 * (64 / hidden) ** 0.5)
+        m = LlamaForCausalLM(cfg).eval()
+        cfg_e = copy.deepcopy(cfg)
+        cfg_e._attn_implementation = "eager"
+        me = LlamaForCausalLM(cfg_e).eval()
+        me.load_state_dict(m.state_dict())
+        out[name] = (m, me)
+    return out
+
+
+def _big_ids(batch, n, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(BIG_VOCAB - 3, generator=g)[:n] + 3 for _ in range(batch)])
+
+
+def record_evictions(method):
+    """Wrap ``method.prefill`` so that every layer's Eviction is kept: ``{layer: Eviction}``."""
+    store = {}
+    orig = method.prefill
+
+    def prefill(inputs):
+        ev = orig(inputs)
+        store[inputs.layer] = ev
+        return ev
+
+    method.prefill = prefill
+    return store
+
+
+# name: (kvpress press(r), our method(r) with the kvpress options, ratios, kvpress needs eager attention)
+PRODUCT = {
+    "snapkv_w8_k5": (lambda r: kvpress.SnapKVPress(r, window_size=8, kernel_size=5),
+                     lambda r: SnapKV.kvpress(r, window_size=8, kernel_size=5), (0.3, 0.77), False),
+    "snapkv_w16_k3": (lambda r: kvpress.SnapKVPress(r, window_size=16, kernel_size=3),
+                      lambda r: SnapKV.kvpress(r, window_size=16, kernel_size=3), (0.5,), False),
+    "snapkv_w5_k7": (lambda r: kvpress.SnapKVPress(r, window_size=5, kernel_size=7),
+                     lambda r: SnapKV.kvpress(r, window_size=5, kernel_size=7), (0.13,), False),
+    "pyramidkv": (lambda r: kvpress.PyramidKVPress(r, window_size=8, beta=2),
+                  lambda r: PyramidKV.kvpress(r, window_size=8, beta=2), (0.5,), False),
+    "streamingllm": (lambda r: kvpress.StreamingLLMPress(r, n_sink=4),
+                     lambda r: StreamingLLM.kvpress(r, n_sink=4), (0.5, 0.77), False),
+    "knorm": (lambda r: kvpress.KnormPress(r), lambda r: KNorm.kvpress(r), (0.13, 0.5), False),
+    "observed_h2o": (lambda r: kvpress.ObservedAttentionPress(r), lambda r: H2O.kvpress(r), (0.5, 0.77), True),
+    "chunkkv_snapkv_c10": (lambda r: kvpress.ChunkKVPress(kvpress.SnapKVPress(r, window_size=8), chunk_length=10),
+                           lambda r: ChunkKV.kvpress(r, chunk_size=10, scorer=SnapKV.kvpress(r, window_size=8)),
+                           (0.5, 0.77), False),
+    "chunkkv_snapkv_c7": (lambda r: kvpress.ChunkKVPress(kvpress.SnapKVPress(r, window_size=6), chunk_length=7),
+                          lambda r: ChunkKV.kvpress(r, chunk_size=7, scorer=SnapKV.kvpress(r, window_size=6)),
+                          (0.3,), False),
+    "chunkkv_knorm": (lambda r: kvpress.ChunkKVPress(kvpress.KnormPress(r), chunk_length=8),
+                      lambda r: ChunkKV.kvpress(r, chunk_size=8, scorer=KNorm.kvpress(r)), (0.5,), False),
+}
+
+PRODUCT_CASES = []
+for _name, (_p, _m, _ratios, _eager) in PRODUCT.items():
+    for _r in _ratios:
+        for _cfg, _n, _b in (("smol93", 97, 1), ("smol93", 97, 2), ("gqa82_d80", 61, 2)):
+            PRODUCT_CASES.append(pytest.param(_name, _cfg, _n, _r, _b, id=f"{_name}-{_cfg}-n{_n}-r{_r}-b{_b}"))
+
+
+def _kvpress_positions(model, press, ids):
+    cache, full = run_press(model, press, ids)
+    return {layer: kept_positions(cache.layers[layer].keys, fk).sort(-1).values for layer, (fk, _) in full.items()}
+
+
+def _method_positions(model, method, ids):
+    evs = record_evictions(method)
+    _, stats = kvpress_kernels.generate(model, ids, method, max_new_tokens=1, do_sample=False)
+    out = {}
+    for layer, ev in evs.items():
+        assert ev is not None, f"layer {layer}: the method kept everything"
+        out[layer] = ev.kept_idx.long()
+    # and the paged cache really holds what the method kept (every layer and kv head)
+    assert stats["kv_tokens_after_prefill"] == sum(int((k >= 0).sum()) for k in out.values())
+    return out
+
+
+@pytest.mark.parametrize("name,cfg,n,ratio,batch", PRODUCT_CASES)
+def test_methods_on_product_path_match_kvpress(big_models, name, cfg, n, ratio, batch):
+    make_press, make_method, _, eager = PRODUCT[name]
+    m_sdpa, m_eager = big_models[cfg]
+    ids = _big_ids(batch, n)
+    theirs = _kvpress_positions(m_eager if eager else m_sdpa, make_press(ratio), ids)
+    ours = _method_positions(m_sdpa, make_method(ratio), ids)
+    assert sorted(ours) == sorted(theirs) == list(range(BIG_CONFIGS[cfg][0]))
+    for layer in theirs:
+        t, o = theirs[layer], ours[layer]
+        assert o.shape == t.shape, f"layer {layer}: kvpress keeps {t.shape[-1]} per row, the method {o.shape[-1]}"
+        assert torch.equal(o, t), (f"layer {layer}: kept positions differ in {int((o != t).sum())} places "
+                                   f"(kvpress {t[0, 0].tolist()} vs ours {o[0, 0].tolist()})")
+
+
+def test_default_options_differ_from_kvpress_by_the_documented_rounding(big_models):
+    """Our default SnapKV (ceil budget, protected window) keeps kvpress's set plus the one token that
+    ceil(0.5 * 97) = 49 vs int(0.5 * 97) = 48 adds: the only difference, as docs/KVPRESS.md says."""
+    model = big_models["smol93"][0]
+    ids = _big_ids(1, 97)
+    theirs = _kvpress_positions(model, kvpress.SnapKVPress(0.5, window_size=8), ids)
+    ours = _method_positions(model, SnapKV(0.5, window_size=8), ids)
+    for layer in theirs:
+        for h in range(3):
+            t, o = set(theirs[layer][0, h].tolist()), set(ours[layer][0, h].tolist())
+            assert t < o and len(o - t) == 1
 
 
 # --------------------------------------------------------------------------------------------------
@@ -413,9 +552,10 @@ def test_pipeline_question_aware(pipe, tokenizer, kind):
 # ShotKV
 # --------------------------------------------------------------------------------------------------
 
-def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget):
-    """Python greedy over float64 token scores ``tok[j]``: protected = non-shot tokens and shots
-    reaching into the window; then whole shots by mean score, skipping those that do not fit."""
+def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget, policy):
+    """Python greedy over float64 token scores ``tok[j]`` (ShotKV's rule, written independently):
+    protected = non-shot tokens and shots reaching into the window, counted inside ``budget``; then whole
+    shots by mean score while they fit (``stop``: the first that does not fit ends it)."""
     in_shot = set()
     for s, e in spans:
         in_shot |= set(range(s, e))
@@ -431,42 +571,45 @@ def _shotkv_oracle(tok, spans, n_ctx, n_all, window, budget):
         if e - s <= room:
             kept |= set(range(s, e))
             room -= e - s
+        elif policy == "stop":
+            break
     return kept
 
 
-def _top_up(kept_sets, tok_rows, n_ctx):
-    K = max(len(k) for k in kept_sets)
-    out = []
-    for kept, tok in zip(kept_sets, tok_rows):
-        rest = sorted((j for j in range(n_ctx) if j not in kept), key=lambda j: (-float(tok[j]), j))
-        out.append(sorted(kept | set(rest[: K - len(kept)])))
-    return out
-
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_shotkv_keeps_whole_shots_by_attention(models, batch):
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_shotkv_press_is_shotkv_keeps_whole_shots_by_attention(models, policy):
+    """ShotKVPress runs ShotKV: whole shots by window attention (float64 oracle from eager attention),
+    protected tokens inside ceil(keep * N), the kvpress cache holding exactly what the method keeps."""
     model_s, model_e = models["gqa2"]
-    ids = _ids(batch)
+    ids = _ids(1)
     W, ratio = 6, 0.5
-    spans_b = [[(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)],
-               [(1, 9), (10, 24), (24, 30), (33, 45), (45, 52)]][:batch]
-    press = kk.ShotKVPress(ratio, window_size=W, shots=spans_b if batch > 1 else spans_b[0])
+    spans = [(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)]
+    press = kk.ShotKVPress(ratio, window_size=W, shots=spans, policy=policy)
     cache, full = run_press(model_s, press, ids)
     with torch.no_grad():
         attn = model_e(ids, output_attentions=True).attentions
-    budget = kk.n_kept(N_CTX, ratio)
+    budget = math.ceil((1 - ratio) * N_CTX)
     dropped_some = False
     for layer, a in enumerate(attn):
-        tok = a.double()[:, :, -W:, :].sum((1, 2))  # [B, N]
-        sets = [_shotkv_oracle(tok[b], spans_b[b], N_CTX, N_CTX, W, budget) for b in range(batch)]
-        want = _top_up(sets, tok, N_CTX)
+        tok = a.double()[0, :, -W:, :].sum((0, 1))  # [N]
+        want = sorted(_shotkv_oracle(tok, spans, N_CTX, N_CTX, W, budget, policy))
         pos = kept_positions(cache.layers[layer].keys, full[layer][0])
-        for b in range(batch):
-            for h in range(pos.shape[1]):  # one kept set for every head of the layer
-                assert pos[b, h].tolist() == want[b]
-            dropped_some |= any(not set(range(s, e)) <= set(want[b]) for s, e in spans_b[b])
+        for h in range(pos.shape[1]):  # one kept set for every head of the layer
+            assert pos[0, h].tolist() == want
+        dropped_some |= any(not set(range(s, e)) <= set(want) for s, e in spans)
         assert pos.shape[-1] <= budget
+        assert press.method.stats["kept_tokens"][layer] == [len(want)]
     assert dropped_some
+    assert press.method.stats["over_budget"] == {}
+
+
+def test_shotkv_press_ragged_batch_is_an_error(models):
+    """Whole shots make sequences keep different counts; a kvpress cache is rectangular, and topping rows
+    up with single tokens (the old press) would break whole shots: say so instead."""
+    spans_b = [[(3, 12), (12, 20), (22, 31), (31, 40), (40, 47), (48, 58)],
+               [(1, 9), (10, 24), (24, 30), (33, 45), (45, 52)]]
+    with pytest.raises(ValueError, match="different numbers of tokens"):
+        run_press(models["gqa2"][0], kk.ShotKVPress(0.5, window_size=6, shots=spans_b), _ids(2))
 
 
 def test_shotkv_pattern_equals_spans_and_protects_window(models, tokenizer):
@@ -490,13 +633,18 @@ def test_shotkv_pattern_equals_spans_and_protects_window(models, tokenizer):
         assert 2 <= len(kept_shots) < len(spans)
 
 
-def test_shotkv_protected_tokens_over_budget_keeps_them(models):
+def test_shotkv_protected_tokens_over_budget_keeps_them_and_says_so(models):
     model = models["gqa2"][0]
     # (shots may also be an int tensor [S, 2])
-    cache, full = run_press(model, kk.ShotKVPress(0.9, window_size=8, shots=torch.tensor([[20, 30]])), _ids(1))
+    press = kk.ShotKVPress(0.9, window_size=8, shots=torch.tensor([[20, 30]]))
+    with pytest.warns(UserWarning, match="exceed the budget"):
+        cache, full = run_press(model, press, _ids(1))
     for layer in range(3):
         pos = kept_positions(cache.layers[layer].keys, full[layer][0])[0, 0].tolist()
         assert pos == [j for j in range(N_CTX) if not 20 <= j < 30]
+    st = press.method.stats
+    assert st["budget_tokens"] == [math.ceil(0.1 * N_CTX)] and st["protected_tokens"] == [N_CTX - 10]
+    assert st["over_budget"] == {0: [0], 1: [0], 2: [0]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -669,3 +817,17 @@ def test_pyramidkv_budgets_follow_kvpress(n, L, ratio):
     # layer kvpress's formula gives that layer the pyramid's top (its quirk, which we follow)
     if L > 1:
         assert abs(sum(budgets) - L * n * ratio) <= L
+
+
+@pytest.mark.slow
+def test_methods_on_product_path_match_kvpress_on_smollm2(smollm2):
+    """The real model, through the product path: SnapKV.kvpress under kvpress_kernels.generate keeps what
+    kvpress's SnapKVPress keeps in every one of SmolLM2's 30 layers and 3 kv heads."""
+    model, _ = smollm2
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(100, 40000, (1, 48), generator=g)
+    theirs = _kvpress_positions(model, kvpress.SnapKVPress(0.5, window_size=8), ids)
+    ours = _method_positions(model, SnapKV.kvpress(0.5, window_size=8), ids)
+    assert len(theirs) == model.config.num_hidden_layers
+    for layer in theirs:
+        assert torch.equal(ours[layer], theirs[layer]), layer

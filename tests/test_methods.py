@@ -319,10 +319,12 @@ def test_shotkv_no_compression_when_budget_covers_prompt():
 # H2O, TOVA, KNorm, StreamingLLM
 # ------------------------------------------------------------------------------------------------
 
-def test_h2o_prefill_and_decode_match_naive():
+@pytest.mark.parametrize("normalize", ["none", "queries"])
+def test_h2o_prefill_and_decode_match_naive(normalize):
     lengths, Hq, Hkv = [21, 14], 4, 2
     inp = make_inputs(lengths, Hq, Hkv, seed=7)
-    m = H2O(0.5, recent_ratio=0.25)
+    m = H2O(0.5, recent_ratio=0.25, normalize=normalize)
+    norm = normalize == "queries"
     m.begin(inp.info)
     ev = m.prefill(inp)
     got = kept_sets(ev, 2, Hkv)
@@ -333,8 +335,10 @@ def test_h2o_prefill_and_decode_match_naive():
         budget = budget_tokens(0.5, n)
         recent = int(0.25 * budget)
         for h in range(Hkv):
-            s = mass[h * G:(h + 1) * G].sum(0)
+            s = mass[h * G:(h + 1) * G].sum(0) / (G if norm else 1)
             acc[b, h] = s
+            if norm:
+                s = s / torch.arange(n, 0, -1, dtype=torch.float64)
             assert got[b, h] == naive_topk(s, budget, range(n - recent, n)), (b, h)
     # one decoding step on a cache laid out in kept order plus one new token per row
     S = 16
@@ -358,7 +362,9 @@ def test_h2o_prefill_and_decode_match_naive():
         for h in range(Hkv):
             pos = positions[b, h, :lengths_host[b, h]].tolist()
             total = [float(acc[b, h][p]) if p < n else 0.0 for p in pos]
-            total = [t + float(probs[b, h, s]) for s, t in enumerate(total)]
+            total = [t + float(probs[b, h, s]) / (G if norm else 1) for s, t in enumerate(total)]
+            if norm:  # mean per query that has seen the token: n + 1 - p of them
+                total = [t / (n + 1 - p) for t, p in zip(total, pos)]
             prot = [s for s, p in enumerate(pos) if p >= n + 1 - recent]
             want = naive_topk(total, min(budget, len(pos)), prot)
             kept = ev2.kept_idx[b, h]
@@ -431,6 +437,15 @@ def test_keep_ratio_outside_unit_interval(cls, bad, err):
     (lambda: ShotKV(0.5, window_size=0), "window_size"),
     (lambda: H2O(0.5, recent_ratio=1.5), "recent_ratio"),
     (lambda: StreamingLLM(0.5, n_sink=-1), "n_sink"),
+    (lambda: SnapKV(0.5, budget_rounding="round"), "budget_rounding"),
+    (lambda: KNorm(0.5, budget_rounding=1), "budget_rounding"),
+    (lambda: ShotKV(0.5, budget_rounding="up"), "budget_rounding"),
+    (lambda: SnapKV(0.5, window_score="pad"), "window_score"),
+    (lambda: H2O(0.5, normalize="keys"), "normalize"),
+    (lambda: ChunkKV(0.5, chunk_budget="segments"), "chunk_budget"),
+    (lambda: ChunkKV(0.5, batch_choice="last"), "batch_choice"),
+    (lambda: ChunkKV(0.5, scorer=object()), "scorer"),
+    (lambda: SnapKV.kvpress(1.0), "keep_ratio"),
 ])
 def test_bad_method_parameters(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -518,3 +533,250 @@ def test_find_shots_bad_inputs(word_tokenizer):
         is_fast = False
     with pytest.raises(ValueError, match="tokenizer"):
         find_shots("Q: x\nA: 1", Slow())
+
+
+# ------------------------------------------------------------------------------------------------
+# ShotKV's honest budget (issue 12)
+# ------------------------------------------------------------------------------------------------
+
+def _random_spans(rng, n):
+    """Random non-overlapping shot spans in [0, n), with gaps (non-shot spans) of random sizes."""
+    spans, cur = [], int(rng.integers(0, 4))
+    while cur < n - 2:
+        size = int(rng.integers(2, 12))
+        if cur + size > n:
+            break
+        spans.append((cur, cur + size))
+        cur += size + int(rng.integers(0, 3))
+    return spans
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_shotkv_never_exceeds_its_budget_unless_protected_tokens_do_and_then_says_so(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(rng.integers(20, 70)) for _ in range(int(rng.integers(1, 4)))]
+    shots = [_random_spans(rng, n) for n in lengths]
+    ratio = float(rng.choice([0.1, 0.25, 0.3, 0.5, 0.8]))
+    policy = ["stop", "skip"][seed % 2]
+    window = [None, 4, 16][seed % 3]
+    inp = make_inputs(lengths, 6, 2, shots=shots, seed=seed)
+    m = ShotKV(ratio, window_size=window, policy=policy)
+    # the protected tokens, computed here independently: outside every shot, or in a shot reaching the window
+    protected = []
+    for b, n in enumerate(lengths):
+        w = m.window(shots[b], n)
+        in_shot = np.zeros(n, bool)
+        prot = np.ones(n, bool)
+        for a, e in shots[b]:
+            in_shot[a:e] = True
+            prot[a:e] = e > n - w
+        protected.append(int(prot.sum()))
+    budgets = [math.ceil(round(ratio * n, 9)) for n in lengths]
+    over = [b for b in range(len(lengths)) if protected[b] > budgets[b]]
+    import warnings as _w
+    with _w.catch_warnings(record=True) as caught:
+        _w.simplefilter("always")
+        m.begin(inp.info)
+    warned = [w for w in caught if issubclass(w.category, UserWarning) and "exceed the budget" in str(w.message)]
+    assert len(warned) == (1 if over and any(b < n for b, n in zip(budgets, lengths)) else 0)
+    assert m.stats["budget_tokens"] == budgets and m.stats["protected_tokens"] == protected
+    ev = m.prefill(inp)
+    if ev is None:
+        assert all(b >= n for b, n in zip(budgets, lengths))
+        return
+    kept = kept_sets(ev, len(lengths), 2)
+    for b in range(len(lengths)):
+        n_kept = len(kept[b, 0])
+        if b in over:
+            assert n_kept == protected[b]              # exactly the protected tokens, nothing else
+        else:
+            assert protected[b] <= n_kept <= budgets[b]
+    assert m.stats["over_budget"].get(0, []) == over
+    assert m.stats["kept_tokens"][0] == [len(kept[b, 0]) for b in range(len(lengths))]
+
+
+def test_shotkv_at_keep_ratio_holds_no_more_than_snapkv():
+    """Protected tokens count inside ceil(keep * n): ShotKV and SnapKV at keep 0.3 hold the same budget."""
+    n = 80
+    spans = [(4, 14), (14, 24), (24, 34), (34, 44), (44, 54), (54, 64), (64, 70)]
+    inp = make_inputs([n], 4, 2, shots=[spans], seed=3)
+    shot, snap = ShotKV(0.3, policy="skip"), SnapKV(0.3, window_size=10)
+    shot.begin(inp.info)
+    snap.begin(inp.info)
+    n_shot = int(shot.prefill(inp).new_lengths.max())
+    n_snap = int(snap.prefill(inp).new_lengths.max())
+    assert n_shot <= n_snap == math.ceil(0.3 * n)
+
+
+def test_shotkv_stop_policy_degenerate_case_keeps_no_shot():
+    """Decision (docs/METHODS.md): ``policy="stop"`` is the paper's greedy fill, "in descending order until
+    the budget is reached" — the first shot that does not fit ends it, also when it is the top-ranked one.
+    Then no shot is kept and the unused budget is reported; ``"skip"`` keeps the smaller shots instead."""
+    n = 50
+    spans = [(2, 22), (22, 27), (27, 32), (32, 37)]    # one big shot and three small ones; question [37, 50)
+    inp = make_inputs([n], 4, 2, shots=[spans], seed=1)
+    u = torch.zeros(8)
+    u[0] = 1.0
+    inp.queries[:, :, 37:] = 4.0 * u
+    inp.keys[:, :, 2:22] += 3.0 * u                       # the big shot is the most attended
+    # budget ceil(0.5 * 50) = 25; protected [0, 2) + [37, 50) = 15 -> 10 left: the 20-token shot cannot fit
+    stop, skip = ShotKV(0.5, policy="stop"), ShotKV(0.5, policy="skip")
+    for m in (stop, skip):
+        m.begin(inp.info)
+    k_stop = kept_sets(stop.prefill(inp), 1, 2)[0, 0]
+    k_skip = kept_sets(skip.prefill(inp), 1, 2)[0, 0]
+    assert k_stop == set(range(0, 2)) | set(range(37, 50))
+    assert stop.stats["unused_budget"][0] == [10]
+    assert len(k_skip) == 25 and not (k_skip & set(range(2, 22)))
+    assert skip.stats["unused_budget"][0] == [0]
+
+
+def test_shotkv_plan_is_built_once_per_generation(monkeypatch):
+    """Host data (segments, protected masks, budgets) is made in begin(), not per layer."""
+    calls = []
+    orig = ShotKV._make_plan
+    monkeypatch.setattr(ShotKV, "_make_plan", lambda self, info: calls.append(1) or orig(self, info))
+    spans = [[(2, 12), (12, 22), (22, 32)], [(0, 9), (9, 20)]]
+    m = ShotKV(0.4)
+    for layer in range(4):
+        inp = make_inputs([40, 31], 4, 2, shots=spans, layer=layer, num_layers=4, seed=layer)
+        if layer == 0:
+            info = inp.info
+            m.begin(info)
+        inp.info = info
+        m.prefill(inp)
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# kvpress conventions as options (issue 12); parity with kvpress itself: tests/test_kvpress_parity.py
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio,n", [(0.5, 97), (0.3, 10), (0.77, 333), (0.13, 1001), (0.999, 5)])
+def test_budget_rounding_floor_is_kvpress(ratio, n):
+    from kvpress.utils import compute_n_kept
+    cr = ratio
+    assert budget_tokens(1 - cr, n, "floor") == compute_n_kept(n, cr)
+    assert budget_tokens(1 - cr, n) == min(n, max(1, math.ceil(round((1 - cr) * n, 9))))
+
+
+def test_kvpress_constructors_set_the_documented_options():
+    s = SnapKV.kvpress(0.25, window_size=8)
+    assert (s.keep_ratio, s.budget_rounding, s.window_score, s.window_size) == (0.75, "floor", "max_plus_one", 8)
+    h = H2O.kvpress(0.4)
+    assert (h.normalize, h.recent_ratio, h.compress_decode, h.budget_rounding) == ("queries", 0.0, False, "floor")
+    c = ChunkKV.kvpress(0.5)
+    assert (c.chunk_size, c.chunk_budget, c.batch_choice, c.protect_window) == (20, "chunks", "first", False)
+    assert isinstance(c.scorer, SnapKV) and c.scorer.window_score == "max_plus_one"
+    assert StreamingLLM.kvpress(0.5).budget_rounding == KNorm.kvpress(0.5).budget_rounding == "floor"
+    assert "budget_rounding='floor'" in repr(s)
+
+
+def test_snapkv_max_plus_one_scores_are_kvpress_formula():
+    """window_score="max_plus_one": pooled mean over the window before it, 1 + batch max on the window."""
+    lengths = [30, 30]
+    inp = make_inputs(lengths, 4, 2, seed=2)
+    m = SnapKV.kvpress(0.5, window_size=6, kernel_size=3)
+    m.begin(inp.info)
+    got = m.token_scores(inp)
+    want = torch.zeros(2, 2, 30, dtype=torch.float64)
+    for b in range(2):
+        mass = naive_mass(inp, b, 6)                                      # [Hq, n]
+        for h in range(2):
+            s = mass[2 * h:2 * h + 2].mean(0) / 6
+            want[b, h, :24] = naive_pool(s, 3, 24, "avg")[:24]
+    want[..., 24:] = want[..., :24].max() + 1
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("normalize", ["none", "queries"])
+def test_h2o_normalize_matches_naive(normalize):
+    lengths = [23, 17]
+    inp = make_inputs(lengths, 4, 2, seed=4)
+    m = H2O(0.5, recent_ratio=0.0, compress_decode=False, normalize=normalize, budget_rounding="floor")
+    m.begin(inp.info)
+    got = kept_sets(m.prefill(inp), 2, 2)
+    for b, n in enumerate(lengths):
+        mass = naive_mass(inp, b, n)
+        for h in range(2):
+            g = mass[2 * h:2 * h + 2]
+            s = g.mean(0) / torch.arange(n, 0, -1, dtype=torch.float64) if normalize == "queries" else g.sum(0)
+            assert got[b, h] == naive_topk(s, int(n * 0.5), []), (b, h)
+
+
+def test_chunkkv_chunks_budget_and_batch_item_0_choice():
+    """chunk_budget="chunks": the int(n_chunks * keep) best chunks whatever their size; batch_choice="first":
+    sequence 0's chunks for everyone (kvpress's ChunkKVPress)."""
+    lengths = [47, 47]
+    inp = make_inputs(lengths, 4, 2, seed=6)
+    inp.keys[0, :, 10:30] *= 0.3       # small norms: sequence 0 favours chunks 1, 2; sequence 1 chunks 3, 4
+    inp.keys[1, :, 30:47] *= 0.3
+    C, ratio = 10, 0.5
+    scorer = KNorm.kvpress(1 - ratio)
+    for choice in ("first", "per_sequence"):
+        m = ChunkKV(ratio, chunk_size=C, scorer=scorer, chunk_budget="chunks", batch_choice=choice,
+                    budget_rounding="floor")
+        m.begin(inp.info)
+        kept = kept_sets(m.prefill(inp), 2, 2)
+        wants = []
+        for b, n in enumerate(lengths):
+            tok = -inp.keys[b, :, :n].double().norm(dim=-1).sum(0)                # summed over kv heads
+            chunks = [(a, min(a + C, n)) for a in range(0, n, C)]
+            cs = torch.tensor([float(tok[a:e].mean()) for a, e in chunks])
+            best = naive_topk(cs, max(1, int(len(chunks) * ratio)), [])
+            wants.append({j for i in best for j in range(*chunks[i])})
+        for b in range(2):
+            want = wants[0] if choice == "first" else wants[b]
+            assert kept[b, 0] == kept[b, 1] == want
+    assert wants[0] != wants[1], "the sequences must choose differently for the test to see batch_choice"
+
+
+def test_chunkkv_shorter_than_a_chunk_falls_back_to_the_scorer():
+    inp = make_inputs([12], 4, 2, seed=7)
+    m = ChunkKV.kvpress(0.5, chunk_size=20, scorer=KNorm.kvpress(0.5))
+    ref = KNorm.kvpress(0.5)
+    for x in (m, ref):
+        x.begin(inp.info)
+    assert kept_sets(m.prefill(inp), 1, 2) == kept_sets(ref.prefill(inp), 1, 2)
+
+
+def _with_context(inp, n_ctx):
+    inp.info.context_lengths = tuple(n_ctx)
+    return inp
+
+
+def test_context_lengths_score_with_the_question_and_keep_only_context():
+    """Question-aware prefill: the question's queries score, its tokens are never kept, the budget counts
+    context tokens."""
+    lengths, n_ctx = [40, 40], [33, 33]
+    inp = _with_context(make_inputs(lengths, 4, 2, seed=8), n_ctx)
+    m = SnapKV(0.5, window_size=10)
+    m.begin(inp.info)
+    kept = kept_sets(m.prefill(inp), 2, 2)
+    for b in range(2):
+        mass = naive_mass(inp, b, 10)
+        for h in range(2):
+            s = naive_pool(mass[2 * h:2 * h + 2].mean(0), 5, 30, "avg")[:33]
+            prot = range(30, 33)                                      # the context's part of the window
+            assert kept[b, h] == naive_topk(s, math.ceil(0.5 * 33), prot)
+    with pytest.raises(ValueError, match="context_lengths"):
+        KNorm(0.5).begin(inp.info)
+
+
+def test_window_mass_one_launch_equals_grouped_scoring(monkeypatch):
+    """A ragged batch with different windows is scored by one lse + one mass call, equal to the per-group
+    calls it replaces."""
+    import kvpress_kernels.ops.scoring as S
+    from kvpress_kernels.methods.base import window_mass
+    calls = []
+    orig = S.attention_mass
+    monkeypatch.setattr(S, "attention_mass", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    lengths, windows = [37, 29, 33], [5, 9, 3]
+    inp = make_inputs(lengths, 6, 2, seed=9)
+    got = window_mass(inp, windows, "group_sum")
+    assert len(calls) == 1
+    for b, (n, w) in enumerate(zip(lengths, windows)):
+        want = naive_mass(inp, b, w)
+        want = torch.stack([want[3 * h:3 * h + 3].sum(0) for h in range(2)])
+        torch.testing.assert_close(got[b, :, :n].double(), want, rtol=1e-5, atol=1e-6)
+        assert (got[b, :, n:] == 0).all()

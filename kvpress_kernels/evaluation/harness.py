@@ -30,9 +30,13 @@ Metrics per (task, setting, method, keep ratio), each with its standard error ov
 - ``delta_vs_full``: paired accuracy difference to the full cache (method - full), mean and paired SE;
 - ``kv_kept``: cached tokens once prefill compression is done / prefilled tokens (all layers and kv
   heads; in ``query_agnostic`` the prefill is the context). The memory this frees is in
-  ``kv_bytes_after_prefill`` of each record (page granularity).
+  ``kv_bytes_after_prefill`` of each record (page granularity). ``kv_kept_final``: the same at the end of
+  the generation (decoding-phase compression included). Every record carries both (1.0 for the full
+  cache), so methods are compared at the memory they really held.
 
-Paired comparisons between methods at the same keep ratio (same examples) are in ``pairs``.
+Paired comparisons between methods at the same keep ratio (same examples) are in ``pairs``, each with
+both methods' mean ``kv_kept`` (``kv_kept_a``, ``kv_kept_b``): a comparison is at equal memory only when
+those agree.
 """
 
 from __future__ import annotations
@@ -270,7 +274,8 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) ->
                         "n_shots": len(prep.shots)}
                 records.append({**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
                                 "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
-                                "kv_kept": 1.0, "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
+                                "kv_kept": 1.0, "kv_kept_final": 1.0,
+                                "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
                                 "seconds": full.seconds})
                 for name, ratio in variants:
                     out = run_once(model, tok, prep, build_method(name, ratio), setting, backend=cfg.backend)
@@ -278,11 +283,13 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) ->
                     st = out.stats
                     prefilled = n_rows * (st.get("prompt_lengths") or [math.nan])[0]
                     kept = (st.get("kv_tokens_after_prefill") or math.nan) / prefilled
+                    kept_final = (st.get("kv_tokens_final") or math.nan) / (st.get("kv_tokens_full") or math.nan)
                     lines = out.lines()
                     records.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
                                     "score": score(ex, out.texts if ex.turns else out.text),
                                     "agree": float(lines == full_lines),
                                     "kl": kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept,
+                                    "kv_kept_final": kept_final,
                                     "kv_bytes_after_prefill": st.get("kv_bytes_after_prefill"),
                                     "seconds": out.seconds})
     bar.close()
@@ -326,24 +333,34 @@ def paired(records: List[Dict[str, object]], cfg: EvalConfig) -> List[Dict[str, 
         return []
     anchor = "shotkv" if "shotkv" in cfg.methods else cfg.methods[0]        # ShotKV (prefill) vs each
     idx = {(r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]): r["score"] for r in records}
+    kept = {(r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]): r.get("kv_kept", math.nan)
+            for r in records}
     out = []
     for other in [m for m in cfg.methods if m != anchor]:
         for ratio in cfg.keep_ratios:
             pooled: List[float] = []
+            pooled_ka: List[float] = []
+            pooled_kb: List[float] = []
             for task in cfg.tasks:
                 for setting in cfg.settings:
-                    diffs = [idx[(task, setting, e, anchor, ratio)] - idx[(task, setting, e, other, ratio)]
-                             for e in range(cfg.n_examples)
-                             if (task, setting, e, anchor, ratio) in idx and (task, setting, e, other, ratio) in idx]
+                    keys = [(e, (task, setting, e, anchor, ratio), (task, setting, e, other, ratio))
+                            for e in range(cfg.n_examples)]
+                    keys = [(e, a, b) for e, a, b in keys if a in idx and b in idx]
+                    diffs = [idx[a] - idx[b] for _, a, b in keys]
+                    ka, kb = [kept[a] for _, a, _ in keys], [kept[b] for _, _, b in keys]
                     pooled += diffs
+                    pooled_ka += ka
+                    pooled_kb += kb
                     m, se = _mean_se(diffs)
                     out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": task, "setting": setting,
                                 "n": len(diffs), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in diffs),
-                                "losses": sum(d < 0 for d in diffs)})
+                                "losses": sum(d < 0 for d in diffs), "kv_kept_a": _mean_se(ka)[0],
+                                "kv_kept_b": _mean_se(kb)[0]})
             m, se = _mean_se(pooled)
             out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": "all", "setting": "all",
                         "n": len(pooled), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in pooled),
-                        "losses": sum(d < 0 for d in pooled)})
+                        "losses": sum(d < 0 for d in pooled), "kv_kept_a": _mean_se(pooled_ka)[0],
+                        "kv_kept_b": _mean_se(pooled_kb)[0]})
     return out
 
 
@@ -374,11 +391,14 @@ def format_table(result: EvalResult) -> str:
                      f"{_f(r['kv_kept'])} |")
     pooled = [p for p in result.pairs if p["task"] == "all"]
     if pooled:
-        lines += ["", "Paired (same examples): mean score difference a - b ± paired SE, wins/losses",
-                  "", "| a | b | keep | n | a - b | wins | losses |", "|---|---|---|---|---|---|---|"]
+        lines += ["", "Paired (same examples): mean score difference a - b ± paired SE, wins/losses, and the KV "
+                  "fraction each really kept after prefill", "",
+                  "| a | b | keep | n | a - b | wins | losses | KV kept a | KV kept b |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for p in pooled:
             lines.append(f"| {p['a']} | {p['b']} | {_f(p['keep_ratio'])} | {p['n']} | {_f(p['mean_diff'], 3)} ± "
-                         f"{_f(p['se'], 3)} | {p['wins']} | {p['losses']} |")
+                         f"{_f(p['se'], 3)} | {p['wins']} | {p['losses']} | {_f(p.get('kv_kept_a'))} | "
+                         f"{_f(p.get('kv_kept_b'))} |")
     return "\n".join(lines)
 
 

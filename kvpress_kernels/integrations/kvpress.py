@@ -1,25 +1,26 @@
-"""kvpress presses whose scores and selections are computed by kvpress-kernels' ops.
+"""kvpress presses that are adapters over :mod:`kvpress_kernels.methods` (DESIGN.md §7, "one method layer").
 
-Drop-in replacements for NVIDIA kvpress's presses (DESIGN.md §7): they plug into kvpress's
+Drop-in replacements for NVIDIA kvpress's presses: they plug into kvpress's
 ``pipeline("kv-press-text-generation")`` and its ``with press(model):`` context manager, take
 kvpress's ``compression_ratio`` (the fraction of tokens REMOVED, not our ``keep_ratio``), and keep
-exactly the tokens kvpress's own press keeps on the same model and input. Scoring runs through
-:func:`~kvpress_kernels.ops.scoring.attention_mass` / :func:`~kvpress_kernels.ops.scoring.token_norm`,
-chunk and shot scores through :func:`~kvpress_kernels.ops.segments.segment_reduce`, and every
-choice of kept tokens or segments through :func:`~kvpress_kernels.ops.selection.select_topk` /
-:func:`~kvpress_kernels.ops.selection.select_segments`.
+exactly the tokens kvpress's own press keeps on the same model and input. This module is hook
+plumbing only: each press builds the layer's :class:`~kvpress_kernels.methods.PrefillInputs` from
+kvpress's forward hook and runs the :class:`~kvpress_kernels.methods.CompressionMethod` that
+:func:`kvpress_kernels.compress` runs too, configured by the method's ``kvpress(compression_ratio)``
+constructor (kvpress's budget rounding, window padding, chunk counting, ... as explicit options);
+then it gathers the kept tokens. No selection or budget rule lives here.
 
-===========================  =====================================================================
-press                        kvpress equivalent (same kept tokens, same cache contents)
-===========================  =====================================================================
-:class:`SnapKVPress`         ``kvpress.SnapKVPress``
-:class:`PyramidKVPress`      ``kvpress.PyramidKVPress``
-:class:`StreamingLLMPress`   ``kvpress.StreamingLLMPress``
-:class:`KnormPress`          ``kvpress.KnormPress``
-:class:`ObservedAttentionPress`  ``kvpress.ObservedAttentionPress`` (needs no eager attention here)
-:class:`ChunkKVPress`        ``kvpress.ChunkKVPress``
-:class:`ShotKVPress`         none: ShotKV (Liu et al. 2025), shot-level selection
-===========================  =====================================================================
+===========================  ==============================  =========================================
+press                        kvpress equivalent              method it runs
+===========================  ==============================  =========================================
+:class:`SnapKVPress`         ``kvpress.SnapKVPress``         ``SnapKV.kvpress``
+:class:`PyramidKVPress`      ``kvpress.PyramidKVPress``      ``PyramidKV.kvpress``
+:class:`StreamingLLMPress`   ``kvpress.StreamingLLMPress``   ``StreamingLLM.kvpress``
+:class:`KnormPress`          ``kvpress.KnormPress``          ``KNorm.kvpress``
+:class:`ObservedAttentionPress`  ``kvpress.ObservedAttentionPress`` (no eager attention needed)  ``H2O.kvpress``
+:class:`ChunkKVPress`        ``kvpress.ChunkKVPress``        ``ChunkKV.kvpress(scorer=<inner method>)``
+:class:`ShotKVPress`         none                            ``ShotKV`` (its own defaults)
+===========================  ==============================  =========================================
 
 Order of the cache: kvpress gathers ``scores.topk(n).indices``, i.e. in score order; these presses
 keep the kept tokens in their original POSITION order (``select_topk``'s ``kept_idx``). The set of
@@ -32,8 +33,8 @@ Give ``question_ids`` (see :func:`pipeline_question_ids`) and the prefill forwar
 ``context + question``: the last ``window_size`` queries of that sequence score the context, then the
 question's keys and values are dropped from the cache, so the pipeline can ask the question as usual.
 
-Quirks of kvpress that are reproduced on purpose, and where results may legitimately differ, are
-listed in ``docs/KVPRESS.md``.
+kvpress's conventions (the method options and their kvpress values), and where results may
+legitimately differ, are listed in ``docs/KVPRESS.md``.
 
 kvpress is an optional dependency: ``pip install kvpress-kernels[kvpress]``.
 """
@@ -46,6 +47,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,9 +63,9 @@ except ImportError as exc:  # kvpress is optional
 
 from .. import shots as _shots
 from .._backend import BACKENDS
-from ..ops.scoring import attention_mass, token_norm
-from ..ops.segments import segment_reduce, segments_to_token_mask
-from ..ops.selection import select_segments, select_topk
+from ..methods import H2O, ChunkKV, KNorm, PyramidKV, ShotKV, SnapKV, StreamingLLM
+from ..methods.base import CompressionMethod, Eviction, GenerationInfo, PrefillInputs, budget_tokens
+from ..methods.simple import ScorerTopK
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +87,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------
 
 def n_kept(n_tokens: int, compression_ratio: float) -> int:
-    """Tokens kept per row by kvpress's ScorerPress: ``max(1, int(n_tokens * (1 - compression_ratio)))``.
-
-    Truncation (not rounding) and the floor of 1 are kvpress's (``kvpress.utils.compute_n_kept``).
-    """
-    return max(1, int(n_tokens * (1 - compression_ratio)))
+    """Tokens kept per row by kvpress's ScorerPress: ``max(1, int(n_tokens * (1 - compression_ratio)))``
+    (``kvpress.utils.compute_n_kept``) — the methods' ``budget_rounding="floor"`` rule
+    (:func:`kvpress_kernels.methods.budget_tokens`), which the presses use."""
+    return budget_tokens(1.0 - compression_ratio, n_tokens, "floor")
 
 
 def _check_ratio(name: str, v) -> float:
@@ -269,30 +270,112 @@ class _PrefillAware:
             self._share_prefill_state(None)
 
 
-class _KernelScorerPress(_PrefillAware, ScorerPress):
-    """Base of the token-level presses: ``score`` (kvpress's contract, ``[B, Hkv, N]``, higher = keep)
-    computed by our ops, then per-(sequence, kv-head) top-k with :func:`select_topk`, kept in
-    position order. Subclasses of kvpress's ``ScorerPress``, so kvpress's own wrappers (ChunkKV,
-    AdaKV, ...) can use their ``score`` too."""
+class _MethodPress(_PrefillAware):
+    """Hook plumbing shared by the presses: build the :class:`~kvpress_kernels.methods.PrefillInputs`
+    of one layer from kvpress's forward hook, run the press's :class:`CompressionMethod` (the same
+    object type, with the kvpress-compatible options, that :func:`kvpress_kernels.compress` runs) and
+    apply its :class:`~kvpress_kernels.methods.Eviction` to the rectangular kvpress cache.
 
-    def __post_init__(self):
-        _check_ratio("compression_ratio", self.compression_ratio)
-        _check_backend(getattr(self, "backend", None))
-        _check_question_ids(getattr(self, "question_ids", None))
+    The method is built (and :meth:`CompressionMethod.begin` called) once per prefill forward when the
+    model-level hook runs (every press installs it), so per-generation host data (ShotKV's shot table,
+    budgets) is computed once, not per layer; a call without it (kvpress's own wrappers calling
+    :meth:`score`) builds it on the spot."""
 
-    def _budget(self, module: nn.Module, n_context: int) -> int:
-        return n_kept(n_context, self.compression_ratio)
+    #: Logit scale handed to the method: ``"module"`` (the attention module's ``scaling``, what eager
+    #: attention uses) or ``"head_dim"`` (``1 / sqrt(head_dim)``, what kvpress's SnapKV divides by).
+    _scale_from = "module"
+
+    def _needs_model_hook(self) -> bool:
+        return True
+
+    def _build_method(self) -> CompressionMethod:
+        raise NotImplementedError
+
+    def _shots(self, B: int, n_ctx: int):
+        return None
+
+    def _layer_inputs(self, module, hidden_states, keys, values, kwargs) -> PrefillInputs:
+        B, Hkv, N, D = keys.shape
+        if hidden_states.shape[1] != N:
+            raise ValueError(f"{type(self).__name__} compresses a prefill into an empty cache: the layer holds "
+                             f"{N} keys for {hidden_states.shape[1]} prompt tokens")
+        n_ctx = self._context_length(keys)
+        st = self._prefill_state
+        key = (B, N, n_ctx, str(keys.device))
+        if st is not None and st.get("method_key") == key:
+            method, info = st["method"], st["info"]
+        else:
+            method = self._build_method()
+            cfg = module.config
+            info = GenerationInfo(num_layers=cfg.num_hidden_layers, batch_size=B,
+                                  num_heads=cfg.num_attention_heads, num_kv_heads=Hkv, head_dim=D,
+                                  prompt_lengths=(N,) * B, shots=self._shots(B, n_ctx), device=keys.device,
+                                  backend=getattr(self, "backend", None),
+                                  context_lengths=None if n_ctx == N else (n_ctx,) * B)
+            method.begin(info)
+            if st is not None:
+                st.update(method_key=key, method=method, info=info)
+        q = _queries(module, hidden_states, kwargs["position_embeddings"], N)
+        scale = (1.0 / math.sqrt(D) if self._scale_from == "head_dim"
+                 else float(getattr(module, "scaling", 1.0 / math.sqrt(D))))
+        lengths = torch.full((B,), N, dtype=torch.int64, device=keys.device)
+        inputs = PrefillInputs(layer=module.layer_idx, queries=q, keys=keys, values=values, lengths=lengths,
+                               scale=scale, info=info)
+        inputs._method = method  # the method that goes with these inputs (same object for every layer)
+        return inputs
 
     def compress(self, module, hidden_states, keys, values, attentions, kwargs):
         cr = _check_ratio("compression_ratio", self.compression_ratio)
         n_ctx = self._context_length(keys)
         if cr == 0:
             return keys[:, :, :n_ctx], values[:, :, :n_ctx]
-        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        B, H = scores.shape[:2]
-        budget = self._budget(module, n_ctx)
-        _, kept_idx = select_topk(scores[..., :n_ctx].reshape(B * H, n_ctx), budget, backend=self.backend)
-        return _gather(keys, values, kept_idx.view(B, H, -1))
+        self._check_prompt(hidden_states.shape[1], n_ctx)
+        inputs = self._layer_inputs(module, hidden_states, keys, values, kwargs)
+        ev = inputs._method.prefill(inputs)
+        if ev is None:
+            return keys[:, :, :n_ctx], values[:, :, :n_ctx]
+        return _apply_eviction(ev, keys, values, type(self).__name__)
+
+    def _check_prompt(self, n_prompt: int, n_ctx: int) -> None:
+        """kvpress's own preconditions on the prompt (it asserts; we raise ValueError)."""
+
+
+def _apply_eviction(ev: Eviction, keys: torch.Tensor, values: torch.Tensor, who: str):
+    """Keep ``ev.kept_idx`` (position order) of every row. kvpress caches are rectangular: every
+    (sequence, kv head) row must keep the same number of tokens."""
+    kept = ev.kept_idx
+    if ev.new_lengths is not None:
+        counts = np.asarray(ev.new_lengths)
+        if (counts != counts.flat[0]).any():
+            raise ValueError(f"{who}: the sequences of this batch keep different numbers of tokens "
+                             f"({sorted(set(counts.ravel().tolist()))}), which a kvpress (rectangular) cache "
+                             "cannot hold; run batch 1, or use kvpress_kernels.compress (paged cache)")
+        K = int(counts.flat[0])
+    else:
+        c = (kept >= 0).sum(-1)
+        K = int(c.max())
+        if int(c.min()) != K:
+            raise ValueError(f"{who}: the sequences of this batch keep different numbers of tokens, which a kvpress "
+                             "(rectangular) cache cannot hold; run batch 1, or use kvpress_kernels.compress "
+                             "(paged cache)")
+    return _gather(keys, values, kept[..., :K])
+
+
+class _KernelScorerPress(_MethodPress, ScorerPress):
+    """Base of the token-level presses. Subclasses of kvpress's ``ScorerPress`` whose ``score`` is the
+    method's ``token_scores`` (kvpress's contract, ``[B, Hkv, N]``, higher = keep), so kvpress's own
+    wrappers (ChunkKV, AdaKV, ...) can use them too."""
+
+    def __post_init__(self):
+        _check_ratio("compression_ratio", self.compression_ratio)
+        _check_backend(getattr(self, "backend", None))
+        _check_question_ids(getattr(self, "question_ids", None))
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        _check_ratio("compression_ratio", self.compression_ratio)
+        self._check_prompt(hidden_states.shape[1], keys.shape[2])
+        inputs = self._layer_inputs(module, hidden_states, keys, values, kwargs)
+        return inputs._method.token_scores(inputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +384,8 @@ class _KernelScorerPress(_PrefillAware, ScorerPress):
 
 @dataclass
 class SnapKVPress(_KernelScorerPress):
-    """SnapKV (Li et al. 2024) with kvpress's scoring, computed by :func:`attention_mass`.
+    """SnapKV (Li et al. 2024): :class:`kvpress_kernels.methods.SnapKV` with kvpress's options
+    (``SnapKV.kvpress``: ``budget_rounding="floor"``, ``window_score="max_plus_one"``).
 
     Score of key ``j < N - W`` for kv head ``h`` (kvpress's formula)::
 
@@ -332,6 +416,8 @@ class SnapKVPress(_KernelScorerPress):
     question_ids: Any = None
     backend: Optional[str] = None
 
+    _scale_from = "head_dim"  # kvpress's SnapKV divides the logits by sqrt(head_dim)
+
     def __post_init__(self):
         super().__post_init__()
         _check_int("window_size", self.window_size, 1)
@@ -340,32 +426,20 @@ class SnapKVPress(_KernelScorerPress):
             # kvpress's avg_pool1d(padding=k//2) then returns N - W + 1 scores and fails to reshape
             raise ValueError(f"kernel_size must be odd (a centred pooling window), got {self.kernel_size}")
 
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        B, Hkv, N, D = keys.shape
-        W = self.window_size
-        if hidden_states.shape[1] <= W:
-            raise ValueError(f"window_size ({W}) must be smaller than the number of prompt tokens "
-                             f"({hidden_states.shape[1]}), as in kvpress's SnapKV")
-        q = _queries(module, hidden_states, kwargs["position_embeddings"], W)
-        # kvpress divides the logits by sqrt(head_dim) (not the module's own scaling)
-        mass = attention_mass(q, keys, scale=1.0 / math.sqrt(D), causal=True, head_reduce="group_mean",
-                              pool="avg", pool_size=self.kernel_size, pool_end=N - W, backend=self.backend)
-        scores = mass[..., : N - W] / W
-        # kvpress pads the window with scores.max() + 1 over the whole batch; amax keeps it on the
-        # device (no .item() sync) and fp32 max + 1 rounds exactly as kvpress's float max + 1 does.
-        pad = (scores.amax() + 1).expand(B, Hkv, W)
-        return torch.cat([scores, pad], dim=-1)
+    def _check_prompt(self, n_prompt, n_ctx):
+        if n_prompt <= self.window_size:
+            raise ValueError(f"window_size ({self.window_size}) must be smaller than the number of prompt tokens "
+                             f"({n_prompt}), as in kvpress's SnapKV")
+
+    def _build_method(self):
+        return SnapKV.kvpress(self.compression_ratio, window_size=self.window_size, kernel_size=self.kernel_size)
 
 
 @dataclass
 class PyramidKVPress(SnapKVPress):
-    """PyramidKV (Cai et al. 2024): SnapKV scores, per-layer budgets shrinking linearly with depth.
-
-    Budget of layer ``l`` of ``L`` for ``N`` context tokens and ``r = compression_ratio`` (kvpress's
-    rule, same total as SnapKV on average): with ``kept = N (1 - r)``, ``lo = kept / beta`` and
-    ``hi = 2 kept - lo`` (if ``hi >= N - W``: ``hi = N - W``, ``lo = 2 kept - hi``), the budget is
-    ``round(hi - l (hi - lo) / (L - 1))``; when not ``N >= hi >= lo >= W`` it falls back to SnapKV's
-    ``max(1, round(kept))``.
+    """PyramidKV (Cai et al. 2024): :class:`kvpress_kernels.methods.PyramidKV` (``PyramidKV.kvpress``):
+    SnapKV scores, per-layer budgets shrinking linearly with depth — kvpress's rule, see
+    :meth:`PyramidKV.layer_budget <kvpress_kernels.methods.PyramidKV.layer_budget>`.
 
     Parameters
     ----------
@@ -384,33 +458,21 @@ class PyramidKVPress(SnapKVPress):
         super().__post_init__()
         _check_int("beta", self.beta, 1)
 
-    def layer_budget(self, layer_idx: int, num_layers: int, n_context: int) -> int:
-        """Tokens kept by layer ``layer_idx`` (see the class docstring)."""
-        W, r = self.window_size, self.compression_ratio
-        # The float operations follow kvpress's order exactly (window added then subtracted again),
-        # because ``round`` of a value at .5 could otherwise go the other way.
-        capacity = W + n_context * (1 - r)
-        lo = (capacity - W) / self.beta
-        hi = (capacity - W) * 2 - lo
-        if hi >= n_context - W:
-            hi = n_context - W
-            lo = (capacity - W) * 2 - hi
-        if not (n_context >= hi >= lo >= W):
-            return max(1, round(n_context * (1 - r)))
-        step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
-        return round(hi - layer_idx * step)
+    def _build_method(self):
+        return PyramidKV.kvpress(self.compression_ratio, window_size=self.window_size,
+                                 kernel_size=self.kernel_size, beta=self.beta)
 
-    def _budget(self, module, n_context):
-        return self.layer_budget(module.layer_idx, module.config.num_hidden_layers, n_context)
+    def layer_budget(self, layer_idx: int, num_layers: int, n_context: int) -> int:
+        """Tokens kept by layer ``layer_idx`` (the method's rule)."""
+        return self._build_method().layer_budget(layer_idx, num_layers, n_context)
 
 
 @dataclass
 class StreamingLLMPress(_KernelScorerPress):
-    """StreamingLLM (Xiao et al. 2023): keep the first ``n_sink`` tokens and the most recent ones.
-
-    Keeps ``n = max(1, int(N * (1 - compression_ratio)))`` tokens: ``[0, n_sink)`` and the last
-    ``n - n_sink`` (kvpress's choice), selected by :func:`select_topk` with ``sink`` / ``recent``.
-    ``score`` returns kvpress's 0/1 scores so that wrappers (ChunkKV) see the same numbers.
+    """StreamingLLM (Xiao et al. 2023): :class:`kvpress_kernels.methods.StreamingLLM`
+    (``StreamingLLM.kvpress``): keep ``[0, n_sink)`` and the last ``n - n_sink`` of
+    ``n = max(1, int(N * (1 - compression_ratio)))`` tokens. ``score`` returns kvpress's 0/1 scores so
+    that wrappers (ChunkKV) see the same numbers.
 
     Parameters
     ----------
@@ -426,48 +488,32 @@ class StreamingLLMPress(_KernelScorerPress):
         super().__post_init__()
         _check_int("n_sink", self.n_sink, 0)
 
-    def _check_len(self, n: int) -> None:
-        if n <= self.n_sink:
-            raise ValueError(f"n_sink ({self.n_sink}) must be smaller than the number of context tokens ({n}), "
+    def _check_prompt(self, n_prompt, n_ctx):
+        if n_ctx <= self.n_sink:
+            raise ValueError(f"n_sink ({self.n_sink}) must be smaller than the number of context tokens ({n_ctx}), "
                              "as in kvpress's StreamingLLM")
 
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        N = keys.shape[2]
-        self._check_len(N)
-        n_pruned = N - int(N * (1 - self.compression_ratio))
-        pos = torch.arange(N, device=keys.device)
-        pruned = (pos >= self.n_sink) & (pos < self.n_sink + n_pruned)
-        return (~pruned).to(keys.dtype).expand(keys.shape[0], keys.shape[1], N)
-
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        cr = _check_ratio("compression_ratio", self.compression_ratio)
-        N = self._context_length(keys)
-        if cr == 0:
-            return keys, values
-        self._check_len(N)
-        B, H = keys.shape[:2]
-        n = n_kept(N, cr)
-        sink = min(self.n_sink, n)
-        zeros = keys.new_zeros((B * H, N), dtype=torch.float32)
-        _, kept_idx = select_topk(zeros, n, sink=sink, recent=n - sink, backend=self.backend)
-        return _gather(keys, values, kept_idx.view(B, H, -1))
+    def _build_method(self):
+        return StreamingLLM.kvpress(self.compression_ratio, n_sink=self.n_sink)
 
 
 @dataclass
 class KnormPress(_KernelScorerPress):
-    """KNorm (Devoto et al. 2024): keep the keys of smallest L2 norm, ``score = -token_norm(keys)``
-    (fp32, like kvpress)."""
+    """KNorm (Devoto et al. 2024): :class:`kvpress_kernels.methods.KNorm` (``KNorm.kvpress``): keep the
+    keys of smallest L2 norm, ``score = -token_norm(keys)`` (fp32, like kvpress)."""
 
     compression_ratio: float = 0.0
     backend: Optional[str] = None
 
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        return -token_norm(keys)
+    def _build_method(self):
+        return KNorm.kvpress(self.compression_ratio)
 
 
 @dataclass
 class ObservedAttentionPress(_KernelScorerPress):
-    """H2O-style accumulated attention (kvpress's ObservedAttentionPress) WITHOUT eager attention.
+    """kvpress's ObservedAttentionPress = :class:`kvpress_kernels.methods.H2O` with
+    ``H2O.kvpress`` (``normalize="queries"``, no recent window, floor budget, prefill only), WITHOUT
+    eager attention.
 
     kvpress needs ``attn_implementation="eager"`` to get the full ``[B, Hq, N, N]`` attention matrix;
     here the same score comes from :func:`attention_mass` with every prompt query under the causal
@@ -481,13 +527,22 @@ class ObservedAttentionPress(_KernelScorerPress):
     compression_ratio: float = 0.0
     backend: Optional[str] = None
 
-    def score(self, module, hidden_states, keys, values, attentions, kwargs):
-        N = keys.shape[2]
-        q = _queries(module, hidden_states, kwargs["position_embeddings"], N)
-        scale = getattr(module, "scaling", 1.0 / math.sqrt(keys.shape[-1]))
-        mass = attention_mass(q, keys, scale=scale, causal=True, head_reduce="group_mean", backend=self.backend)
-        seen_by = torch.arange(N, 0, -1, device=keys.device, dtype=mass.dtype)
-        return mass / seen_by
+    def _build_method(self):
+        return H2O.kvpress(self.compression_ratio)
+
+
+class _ForeignScorer(ScorerTopK):
+    """A kvpress ``ScorerPress`` that is not ours, as a method's scorer: its ``score`` called with the
+    hook's arguments of the current layer (set by :class:`ChunkKVPress` before each call)."""
+
+    def __init__(self, press):
+        super().__init__(1.0 - press.compression_ratio, scores=self._scores, budget_rounding="floor")
+        self.press = press
+        self.hook_args = None
+
+    def _scores(self, inputs):
+        module, hidden_states, keys, values, attentions, kwargs = self.hook_args
+        return self.press.score(module, hidden_states, keys, values, attentions, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,15 +550,16 @@ class ObservedAttentionPress(_KernelScorerPress):
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
-class ChunkKVPress(_PrefillAware, BasePress):
-    """ChunkKV (Liu et al. 2025): keep whole fixed-length chunks, chosen by the inner press's scores.
+class ChunkKVPress(_MethodPress, BasePress):
+    """ChunkKV (Liu et al. 2025): :class:`kvpress_kernels.methods.ChunkKV` with ``ChunkKV.kvpress``,
+    whose scorer is the inner press's method (or, for a kvpress press that is not ours, its ``score``).
 
     kvpress's rule: token scores ``press.score(...)`` summed over kv heads, averaged per chunk of
     ``chunk_length`` (the last, partial chunk averaged over its own tokens); the
-    ``max(1, int(n_chunks * (1 - compression_ratio)))`` best chunks are kept (top-k by
-    :func:`select_topk`, chunks by :func:`segment_reduce`), in position order, for every head.
-    Reproduced kvpress quirks: the chunks chosen for batch item 0 are applied to the whole batch, and
-    a context shorter than one chunk falls back to the inner press's own token-level compression.
+    ``max(1, int(n_chunks * (1 - compression_ratio)))`` best chunks are kept, in position order, for
+    every head. Reproduced kvpress quirks (method options): the chunks chosen for batch item 0 are
+    applied to the whole batch (``batch_choice="first"``), and a context shorter than one chunk falls
+    back to the inner press's own token-level compression.
 
     Parameters
     ----------
@@ -544,47 +600,43 @@ class ChunkKVPress(_PrefillAware, BasePress):
         if isinstance(self.press, _PrefillAware):
             self.press._share_prefill_state(state)
 
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+    def _check_prompt(self, n_prompt, n_ctx):
+        if isinstance(self.press, _MethodPress):
+            self.press._check_prompt(n_prompt, n_ctx)
+
+    @property
+    def _scale_from(self):  # the scorer's convention (kvpress's SnapKV: 1/sqrt(head_dim))
+        return self.press._scale_from if isinstance(self.press, _MethodPress) else "module"
+
+    def _build_method(self):
         cr = _check_ratio("compression_ratio", self.press.compression_ratio)
-        n_ctx = self._context_length(keys)
-        if cr == 0:
-            return keys[:, :, :n_ctx], values[:, :, :n_ctx]
-        L = self.chunk_length
-        n_full, rest = divmod(n_ctx, L)
-        if n_full == 0:
-            return self.press.compress(module, hidden_states, keys, values, attentions, kwargs)
-        scores = self.press.score(module, hidden_states, keys, values, attentions, kwargs)[..., :n_ctx]
-        per_token = scores.sum(dim=1)                                    # [B, n_ctx], over kv heads
-        chunk_scores = segment_reduce(per_token, chunk_size=L, reduce="mean", backend=self.backend)
-        n_chunks = n_full + (rest > 0)
-        keep_n = max(1, int(n_chunks * (1 - cr)))
-        # kvpress quirk: batch item 0 chooses for everyone
-        keep_chunks, _ = select_topk(chunk_scores[:1], keep_n, backend=self.backend)
-        keep_tokens = segments_to_token_mask(keep_chunks, n_tokens=n_ctx, chunk_size=L)
-        # The kept count depends on whether the partial chunk is chosen, so the cache's new shape is
-        # data-dependent: one host sync here, as in kvpress.
-        idx = keep_tokens[0].nonzero().view(1, 1, -1)
-        return _gather(keys, values, idx)
+        scorer = self.press._build_method() if isinstance(self.press, _MethodPress) else _ForeignScorer(self.press)
+        return ChunkKV.kvpress(cr, chunk_size=self.chunk_length, scorer=scorer)
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        if not isinstance(self.press, _MethodPress):
+            cr = _check_ratio("compression_ratio", self.press.compression_ratio)
+            n_ctx = self._context_length(keys)
+            if cr == 0:
+                return keys[:, :, :n_ctx], values[:, :, :n_ctx]
+            inputs = self._layer_inputs(module, hidden_states, keys, values, kwargs)
+            inputs._method.scorer.hook_args = (module, hidden_states, keys, values, attentions, kwargs)
+            ev = inputs._method.prefill(inputs)
+            return _apply_eviction(ev, keys, values, type(self).__name__)
+        return super().compress(module, hidden_states, keys, values, attentions, kwargs)
 
 
 @dataclass
-class ShotKVPress(_PrefillAware, BasePress):
-    """ShotKV prefill compression (Liu et al. 2025, "Can LLMs Maintain Fundamental Abilities under
-    KV Cache Compression?"): keep or drop whole few-shot exemplars ("shots").
-
-    Per layer: token score ``t[b, j] = sum_h sum_w softmax_j(q_w . k_j * scaling)`` over the last
-    ``window_size`` queries and ALL query heads (:func:`attention_mass`, ``head_reduce="all_sum"``);
-    shot score = mean of ``t`` over the shot's tokens (:func:`segment_reduce`); budget
-    ``n_kept(N_context, compression_ratio)`` = ``max(1, int(N (1 - compression_ratio)))`` tokens.
-    Protected tokens count first: every token outside the shots (instruction, separators, question),
-    and every shot that reaches into the observation window (kept whole). The other shots are then
-    kept whole, best score first, while they fit (a shot that does not fit is skipped and smaller
-    ones may still fit; :func:`select_segments` ``policy="skip"``). One kept set per sequence, the
-    same for all heads of the layer. When protected tokens alone exceed the budget, only they are kept.
+class ShotKVPress(_MethodPress, BasePress):
+    """ShotKV (Liu et al. 2025, "Can LLMs Maintain Fundamental Abilities under KV Cache Compression?")
+    through kvpress's hooks: exactly :class:`kvpress_kernels.methods.ShotKV` (same rules, same defaults;
+    shots kept or dropped whole, protected tokens inside ``ceil((1 - compression_ratio) * N)``, an
+    overrun reported in the method's ``stats`` and by a warning).
 
     Batches: kvpress caches are rectangular, so every sequence must keep the same number of tokens;
-    sequences that kept fewer than the largest are topped up with their best-scoring remaining
-    tokens (:func:`select_topk` with the kept shots protected).
+    whole-shot selection makes the counts differ in general, and such a batch raises ``ValueError``
+    (no single-token top-ups: they would break whole shots). Use batch 1 or
+    :func:`kvpress_kernels.compress`, whose paged cache holds any count per sequence.
 
     Shots are given either as token spans ``shots=[(start, end), ...]`` (half-open, into the context
     the model sees; one list shared by every sequence, or one list per sequence) or found at prefill
@@ -597,8 +649,11 @@ class ShotKVPress(_PrefillAware, BasePress):
     ----------
     compression_ratio : float in [0, 1)
         Fraction of the context REMOVED (kvpress convention; ShotKV's keep ratio is ``1 - this``).
-    window_size : int
-        Observation-window queries (default 64); the prompt (plus question) must be longer.
+    window_size : int, optional
+        Observation window, as :class:`~kvpress_kernels.methods.ShotKV` (default: the tokens after the
+        last shot).
+    policy : {"stop", "skip"}
+        Greedy fill rule, as :class:`~kvpress_kernels.methods.ShotKV` (default ``"stop"``).
     shots, shot_pattern, tokenizer : see above; exactly one of ``shots`` / ``shot_pattern``.
     question_ids : optional, question-aware scoring as in :class:`SnapKVPress` (recommended: ShotKV
         ranks shots by how much the question attends to them).
@@ -606,18 +661,21 @@ class ShotKVPress(_PrefillAware, BasePress):
     """
 
     compression_ratio: float = 0.0
-    window_size: int = 64
+    window_size: Optional[int] = None
     shots: Any = None
     shot_pattern: Any = None
     tokenizer: Any = None
     question_ids: Any = None
     backend: Optional[str] = None
+    policy: str = "stop"
 
     def __post_init__(self):
         _check_ratio("compression_ratio", self.compression_ratio)
-        _check_int("window_size", self.window_size, 1)
+        if self.window_size is not None:
+            _check_int("window_size", self.window_size, 1)
         _check_backend(self.backend)
         _check_question_ids(self.question_ids)
+        self._build_method()  # validates policy
         if (self.shots is None) == (self.shot_pattern is None):
             raise ValueError("ShotKVPress needs exactly one of shots (token spans) and shot_pattern (a regex), "
                              f"got shots={'None' if self.shots is None else 'given'}, shot_pattern={self.shot_pattern!r}")
@@ -627,10 +685,28 @@ class ShotKVPress(_PrefillAware, BasePress):
             raise TypeError(f"shots must be a list of (start, end) token spans or one such list per sequence, "
                             f"got {type(self.shots).__name__}")
 
-    def _needs_model_hook(self) -> bool:
-        return True  # the pre-hook records the context ids (pattern mode) and length (question mode)
+    def _build_method(self):
+        return ShotKV(1.0 - _check_ratio("compression_ratio", self.compression_ratio), window_size=self.window_size,
+                      policy=self.policy)
 
-    def _spans(self, B: int, n_ctx: int) -> list:
+    @property
+    def method(self) -> Optional[ShotKV]:
+        """The ShotKV object of the last prefill (its ``stats`` say what was kept and any overrun)."""
+        return self._last_method
+
+    _last_method = None  # (not a dataclass field)
+
+    def _check_prompt(self, n_prompt, n_ctx):
+        if self.window_size is not None and n_prompt <= self.window_size:
+            raise ValueError(f"window_size ({self.window_size}) must be smaller than the number of prompt tokens "
+                             f"({n_prompt})")
+
+    def _layer_inputs(self, module, hidden_states, keys, values, kwargs):
+        inputs = super()._layer_inputs(module, hidden_states, keys, values, kwargs)
+        self._last_method = inputs._method
+        return inputs
+
+    def _shots(self, B: int, n_ctx: int) -> list:
         """Validated shot spans per sequence (computed once per prefill, shared by the layers)."""
         st = self._prefill_state
         if st is not None and "spans" in st:
@@ -663,54 +739,6 @@ class ShotKVPress(_PrefillAware, BasePress):
                              "(this tokenizer does not round-trip), so token offsets are unreliable; "
                              "give the shots as token spans instead")
         return _shots.find_shots(text, tok, self.shot_pattern, add_special_tokens=False)
-
-    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
-        cr = _check_ratio("compression_ratio", self.compression_ratio)
-        n_ctx = self._context_length(keys)
-        if cr == 0:
-            return keys[:, :, :n_ctx], values[:, :, :n_ctx]
-        B, _, N, D = keys.shape
-        W = self.window_size
-        if hidden_states.shape[1] <= W:
-            raise ValueError(f"window_size ({W}) must be smaller than the number of prompt tokens "
-                             f"({hidden_states.shape[1]})")
-        spans = self._spans(B, n_ctx)
-        dev = keys.device
-
-        q = _queries(module, hidden_states, kwargs["position_embeddings"], W)
-        scale = getattr(module, "scaling", 1.0 / math.sqrt(D))
-        tok = attention_mass(q, keys, scale=scale, causal=True, head_reduce="all_sum",
-                             backend=self.backend)[:, :n_ctx].contiguous()       # [B, n_ctx]
-        budget = n_kept(n_ctx, cr)
-
-        S = max(len(s) for s in spans)
-        if S == 0:
-            keep = torch.ones((B, n_ctx), dtype=torch.bool, device=dev)  # nothing is a shot: all protected
-        else:
-            # pad with empty spans at the end (sorted, size 0: they change nothing)
-            table = torch.full((B, S, 2), n_ctx, dtype=torch.int64)
-            for b, sp in enumerate(spans):
-                if sp:
-                    table[b, : len(sp)] = torch.tensor(sp, dtype=torch.int64)
-            table = table.to(dev)
-            sizes = table[..., 1] - table[..., 0]
-            window_start = N - W                                          # first window position
-            protect_shot = (table[..., 1] > window_start) & (sizes > 0)   # reaches into the window
-            shot_scores = segment_reduce(tok, spans=table, reduce="mean", backend=self.backend)
-            all_shots = torch.ones((B, S), dtype=torch.bool, device=dev)
-            in_shot = segments_to_token_mask(all_shots, n_tokens=n_ctx, spans=table)
-            n_outside = n_ctx - in_shot.sum(1)
-            protected = torch.where(protect_shot, sizes, 0).sum(1) + n_outside
-            # protected tokens count first; if they alone exceed the budget they are all kept anyway
-            seg_budget = torch.clamp(budget - n_outside, min=0)
-            seg_budget = torch.maximum(seg_budget, protected - n_outside)
-            seg_keep = select_segments(shot_scores, sizes, seg_budget, policy="skip", protect=protect_shot,
-                                       backend=self.backend)
-            keep = ~in_shot | segments_to_token_mask(seg_keep, n_tokens=n_ctx, spans=table)
-        # one rectangular cache: top every sequence up to the largest kept count with its best tokens
-        K = int(keep.sum(1).max())
-        _, kept_idx = select_topk(tok, K, protect=keep, backend=self.backend)
-        return _gather(keys, values, kept_idx.view(B, 1, K))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from .adakv import AdaKV
 from .chunkkv import ChunkKV
 from .h2o import H2O, TOVA
 from .shotkv import ShotKV
-from .simple import KNorm, StreamingLLM
+from .simple import KNorm, ScorerTopK, StreamingLLM
 from .snapkv import PyramidKV, SnapKV
 
 __all__ = ["CompressionMethod", "GenerationInfo", "PrefillInputs", "DecodeInputs", "Eviction", "budget_tokens",
-           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm", "AdaKV"]
+           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm", "ScorerTopK", "AdaKV"]

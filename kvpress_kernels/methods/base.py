@@ -20,7 +20,14 @@ fills holes from the tail); :attr:`DecodeInputs.positions` maps slots back to po
 
 Ratios: ``keep_ratio`` is the fraction of tokens KEPT (the ShotKV paper's convention), in ``(0, 1]``.
 A budget of ``keep_ratio`` over ``n`` tokens is :func:`budget_tokens`: ``ceil(keep_ratio * n)``,
-at least 1 and at most ``n``, so ``keep_ratio = 1`` keeps everything.
+at least 1 and at most ``n``, so ``keep_ratio = 1`` keeps everything. ``budget_rounding="floor"``
+(a method option) gives kvpress's ``max(1, int(n * keep_ratio))`` instead; with ``keep_ratio =
+1 - compression_ratio`` computed in float that is bit for bit kvpress's ``int(n * (1 - compression_ratio))``.
+
+Host conventions (kvpress's budgets, window padding, chunk counting, ...) are method options, never a
+second implementation: each method's ``kvpress(compression_ratio, ...)`` constructor returns the method
+with the options that reproduce kvpress 0.5.5 (docs/KVPRESS.md), and the kvpress presses run exactly
+those objects.
 
 Host syncs: budgets are computed on the host from host-known lengths, and :class:`Eviction` carries
 the new per-row lengths whenever the method knows them without reading the device; the segment-level
@@ -57,6 +64,12 @@ class GenerationInfo:
     device : torch.device
     backend : str or None
         Backend forced on the ops (``None``: chosen by device).
+    context_lengths : tuple of int, optional
+        Question-aware prefill (the kvpress presses' ``question_ids``): only the first
+        ``context_lengths[b]`` prompt tokens may be kept; the rest (a question appended to score the
+        context with) takes part in the scoring and is then dropped. Budgets count context tokens.
+        ``None`` (the default): every prompt token is a candidate. Methods that do not score with
+        queries (or do not support it) raise in :meth:`CompressionMethod.begin`.
     """
 
     num_layers: int
@@ -68,6 +81,11 @@ class GenerationInfo:
     shots: Optional[List[List[Span]]] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: Optional[str] = None
+    context_lengths: Optional[Tuple[int, ...]] = None
+
+    def keep_lengths(self) -> Tuple[int, ...]:
+        """Tokens per sequence that may be kept (``context_lengths``, default ``prompt_lengths``)."""
+        return self.prompt_lengths if self.context_lengths is None else self.context_lengths
 
 
 @dataclass
@@ -156,15 +174,29 @@ class CompressionMethod:
 
     #: Whether :meth:`decode` needs the decode-attention probabilities (costs ~10% of decode attention).
     needs_decode_probs: bool = False
+    #: Whether the method supports :attr:`GenerationInfo.context_lengths` (question-aware prefill).
+    supports_context_lengths: bool = False
 
-    def __init__(self, keep_ratio: float = 0.5):
+    def __init__(self, keep_ratio: float = 0.5, *, budget_rounding: str = "ceil"):
         self.keep_ratio = V.ratio("keep_ratio", keep_ratio)
+        self.budget_rounding = V.choice("budget_rounding", budget_rounding, BUDGET_ROUNDINGS)
         self.info: Optional[GenerationInfo] = None
+        #: Per-generation facts the method reports (e.g. ShotKV's budget overruns); reset by :meth:`begin`.
+        self.stats: Dict[str, object] = {}
 
     # -------------------------------------------------------------- the interface
     def begin(self, info: GenerationInfo) -> None:
         """Start a generation: remember ``info`` and drop any state of a previous one."""
+        if info.context_lengths is not None and not self.supports_context_lengths:
+            if tuple(info.context_lengths) != tuple(info.prompt_lengths):
+                raise ValueError(f"{type(self).__name__} does not support context_lengths (question-aware "
+                                 "prefill): it does not score with the question's queries")
         self.info = info
+        self.stats = {}
+
+    def budget(self, n: int, keep_ratio: Optional[float] = None) -> int:
+        """Tokens kept out of ``n`` under this method's ``budget_rounding`` (:func:`budget_tokens`)."""
+        return budget_tokens(self.keep_ratio if keep_ratio is None else keep_ratio, n, self.budget_rounding)
 
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         """Decide what each row of ``inputs.layer`` keeps after prefill; ``None`` keeps everything."""
@@ -184,7 +216,10 @@ class CompressionMethod:
         return f"{type(self).__name__}({args})"
 
     def _repr_args(self) -> Dict[str, object]:
-        return {"keep_ratio": self.keep_ratio}
+        out: Dict[str, object] = {"keep_ratio": self.keep_ratio}
+        if self.budget_rounding != "ceil":
+            out["budget_rounding"] = self.budget_rounding
+        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -204,28 +239,83 @@ def to_device(x, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     return t.to(device)
 
 
-def budget_tokens(keep_ratio: float, n: int) -> int:
-    """``ceil(keep_ratio * n)`` clipped to ``[min(1, n), n]``.
+#: ``"ceil"``: ``ceil(keep_ratio * n)`` (ours: never below the asked fraction); ``"floor"``: kvpress's
+#: ``int(n * keep_ratio)`` (truncation).
+BUDGET_ROUNDINGS = ("ceil", "floor")
 
-    The product is rounded to 9 decimals first so that float noise (``0.3 * 10 = 3.0000000000000004``)
-    does not add a token.
+
+def budget_tokens(keep_ratio: float, n: int, rounding: str = "ceil") -> int:
+    """Tokens kept out of ``n``, clipped to ``[min(1, n), n]``.
+
+    ``rounding="ceil"``: ``ceil(keep_ratio * n)``, the product rounded to 9 decimals first so that float
+    noise (``0.3 * 10 = 3.0000000000000004``) does not add a token. ``rounding="floor"``: kvpress's
+    ``max(1, int(n * keep_ratio))`` exactly as kvpress computes it (no noise correction, so that a
+    ``keep_ratio`` of ``1 - compression_ratio`` gives kvpress's count bit for bit).
     """
     if n <= 0:
         return 0
+    if rounding == "floor":
+        return min(n, max(1, int(n * keep_ratio)))
     return min(n, max(1, math.ceil(round(keep_ratio * n, 9))))
 
 
-def window_queries(q: torch.Tensor, lengths: Sequence[int], window: int) -> torch.Tensor:
-    """The last ``window`` valid queries of each sequence: ``out[b, :, w] = q[b, :, lengths[b] - window + w]``.
+def window_queries(q: torch.Tensor, lengths: Sequence[int], window: int, offset: int = 0) -> torch.Tensor:
+    """The last ``window`` valid queries of each sequence: ``out[b, :, w] = q[b, :, lengths[b] - window + w - offset]``.
 
-    ``q: [B, Hq, N, D]`` left-aligned; every ``lengths[b] >= window``. Returns ``[B, Hq, window, D]``
-    (contiguous), the layout :func:`~kvpress_kernels.ops.scoring.attention_mass` expects.
+    ``q: [B, Hq, N - offset, D]`` left-aligned, ``q[:, :, i]`` being prompt token ``offset + i`` (a serving
+    engine keeps only the last queries: :attr:`PrefillInputs.query_offset`); every
+    ``lengths[b] - window >= offset``. Returns ``[B, Hq, window, D]`` (contiguous), the layout
+    :func:`~kvpress_kernels.ops.scoring.attention_mass` expects.
     """
-    B, _, N, _ = q.shape
-    if all(int(n) == N for n in lengths):
-        return q[:, :, N - window:].contiguous()
-    idx = to_device([[int(n) - window + w for w in range(window)] for n in lengths], q.device, torch.long)
+    B, _, Nq, _ = q.shape
+    if min(int(n) for n in lengths) - window < offset:
+        raise ValueError(f"this method needs the last {window} queries of each prompt, but only those from token "
+                         f"{offset} on were given: save a longer query window")
+    if all(int(n) - offset == Nq for n in lengths):
+        return q[:, :, Nq - window:].contiguous()
+    idx = to_device([[int(n) - window + w - offset for w in range(window)] for n in lengths], q.device, torch.long)
     return torch.gather(q, 2, idx.view(B, 1, window, 1).expand(B, q.shape[1], window, q.shape[3])).contiguous()
+
+
+#: LSE given to the window queries a row does not use: ``exp(logit - 1e30)`` is exactly 0, so they add
+#: nothing to the mass (a finite value: the ops treat a non-finite LSE as "row sees no key").
+_MASKED_LSE = 1e30
+
+
+def window_mass(inputs: "PrefillInputs", windows: Sequence[int], head_reduce: str) -> torch.Tensor:
+    """Attention mass each prompt key receives from the last ``windows[b]`` queries of its sequence,
+    head-reduced, unpooled: ``[B, Hkv, N]`` (``group_*``) or ``[B, N]`` (``all_*``), 0 beyond lengths.
+
+    One scoring launch for the whole (ragged) batch: the ops take per-row lengths, and rows whose window
+    is shorter than the longest ``W`` get the LSE ``1e30`` on their first ``W - windows[b]`` queries, so
+    those queries add exactly nothing (then the LSE pass and the mass pass are two op calls). Only a
+    batch with a prompt shorter than ``W`` falls back to one call per (length, window) group."""
+    from ..ops.scoring import attention_lse, attention_mass
+
+    info = inputs.info
+    lengths = [int(n) for n in info.prompt_lengths]
+    B, N = inputs.keys.shape[0], inputs.keys.shape[2]
+    W = max(int(w) for w in windows)
+    backend = info.backend
+    if min(lengths) >= W:
+        q = window_queries(inputs.queries, lengths, W, inputs.query_offset)
+        full = all(n == N for n in lengths)
+        rows = None if full else inputs.lengths
+        lse = None
+        if any(int(w) != W for w in windows):
+            lse = attention_lse(q, inputs.keys, lengths=rows, scale=inputs.scale, causal=True, backend=backend)
+            unused = to_device([[w_ < W - int(w) for w_ in range(W)] for w in windows], q.device)  # [B, W]
+            lse = lse.masked_fill(unused.view(B, 1, W), _MASKED_LSE)
+        return attention_mass(q, inputs.keys, lengths=rows, scale=inputs.scale, lse=lse, causal=True,
+                              head_reduce=head_reduce, backend=backend)
+
+    def score(idx, n, w):
+        sel = to_device(idx, inputs.keys.device, torch.long)
+        q = inputs.query_rows(sel, n - w, n)
+        k = inputs.keys.index_select(0, sel)[:, :, :n]
+        return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce=head_reduce, backend=backend)
+
+    return scores_by_group(lengths, windows, N, score)
 
 
 def grouped_by_length(lengths: Sequence[int], extra: Optional[Sequence[int]] = None

@@ -4,17 +4,17 @@ The choices the paper leaves open are listed in docs/METHODS.md."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .. import _validate as V
-from ..ops.scoring import attention_mass
 from ..ops.segments import segment_reduce, segments_to_token_mask
 from ..ops.selection import POLICIES, select_segments, select_topk
 from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, kept_from_mask,
-                   scores_by_group, to_device)
+                   to_device, window_mass)
 
 
 class ShotKV(CompressionMethod):
@@ -29,14 +29,23 @@ class ShotKV(CompressionMethod):
        summed over **all** query heads of the layer (``attention_mass(..., head_reduce="all_sum")``);
     2. shot score = mean of ``s_j`` over the shot's tokens;
     3. non-shot spans and any shot that overlaps the observation window are protected: kept, and
-       counted against the budget first;
+       counted INSIDE the budget ``ceil(prefill_keep_ratio * n)`` — so ShotKV at keep 0.3 holds no
+       more cache than SnapKV at keep 0.3;
     4. the other shots, ranked by score, are kept whole, greedily, while the kept tokens stay within
-       ``ceil(prefill_keep_ratio * n)`` (``policy="stop"``: the first shot that does not fit ends the
-       selection, the paper's greedy fill; ``"skip"``: smaller, lower-ranked shots may still fill the
-       remainder). A budget below the protected tokens keeps exactly the protected tokens.
+       the budget. ``policy="stop"`` (default, the paper's "in descending order until the budget is
+       reached"): the first shot that does not fit ends the selection — also when it is the top-ranked
+       one, which then keeps no shot at all (the budget's remainder stays unused, reported in
+       :attr:`stats`); ``"skip"``: smaller, lower-ranked shots may still fill the remainder.
+
+    When the protected tokens alone exceed the budget, they are all kept (the cache then holds more
+    than the budget): never silently — :attr:`stats` records it (``"over_budget"``: per layer the
+    sequences concerned; ``"protected_tokens"`` / ``"budget_tokens"`` per sequence) and a
+    ``UserWarning`` is issued once per generation.
 
     Every kv head keeps the same tokens. The compressed prefill cache is then frozen: decoding never
-    evicts a prompt token.
+    evicts a prompt token. The segmentation, windows, protected masks and budgets are built once per
+    generation (:meth:`begin`), not per layer; each layer runs one scoring launch for the whole batch
+    (:func:`~kvpress_kernels.methods.base.window_mass`).
 
     Decoding (when ``decode_keep_ratio < 1``), per layer, after each step: a generated token's score is
     the attention it receives from the current query, summed over all heads; of the ``g`` tokens
@@ -60,16 +69,21 @@ class ShotKV(CompressionMethod):
         Greedy fill rule (step 4).
     decode_recent : int
         Most recent generated tokens always kept while decoding.
+    budget_rounding : {"ceil", "floor"}
+        ``floor``: ``max(1, int(prefill_keep_ratio * n))``, kvpress's rounding.
     """
+
+    supports_context_lengths = True
 
     def __init__(self, prefill_keep_ratio: Optional[float] = None, decode_keep_ratio: Optional[float] = None, *,
                  keep_ratio: Optional[float] = None, window_size: Optional[int] = None, fallback_window: int = 8,
-                 policy: str = "stop", decode_recent: int = 4):
+                 policy: str = "stop", decode_recent: int = 4, budget_rounding: str = "ceil"):
         if prefill_keep_ratio is not None and keep_ratio is not None:
             raise ValueError("keep_ratio is another name for prefill_keep_ratio: give only one of them")
         ratio = prefill_keep_ratio if prefill_keep_ratio is not None else keep_ratio
         super().__init__(0.5 if ratio is None else V.ratio(
-            "prefill_keep_ratio" if prefill_keep_ratio is not None else "keep_ratio", ratio))
+            "prefill_keep_ratio" if prefill_keep_ratio is not None else "keep_ratio", ratio),
+            budget_rounding=budget_rounding)
         self.decode_keep_ratio = (self.keep_ratio if decode_keep_ratio is None
                                   else V.ratio("decode_keep_ratio", decode_keep_ratio))
         self.window_size = None if window_size is None else V.integer("window_size", window_size, low=1)
@@ -77,6 +91,7 @@ class ShotKV(CompressionMethod):
         self.policy = V.choice("policy", policy, POLICIES)
         self.decode_recent = V.integer("decode_recent", decode_recent, low=0)
         self._prefill_kept: Dict[int, np.ndarray] = {}
+        self._plan: Optional[dict] = None
 
     @property
     def prefill_keep_ratio(self) -> float:
@@ -87,8 +102,11 @@ class ShotKV(CompressionMethod):
         return self.decode_keep_ratio < 1.0
 
     def _repr_args(self) -> Dict[str, object]:
-        return {"prefill_keep_ratio": self.keep_ratio, "decode_keep_ratio": self.decode_keep_ratio,
-                "window_size": self.window_size, "policy": self.policy, "decode_recent": self.decode_recent}
+        out = {"prefill_keep_ratio": self.keep_ratio, "decode_keep_ratio": self.decode_keep_ratio,
+               "window_size": self.window_size, "policy": self.policy, "decode_recent": self.decode_recent}
+        if self.budget_rounding != "ceil":
+            out["budget_rounding"] = self.budget_rounding
+        return out
 
     def begin(self, info) -> None:
         super().begin(info)
@@ -96,6 +114,18 @@ class ShotKV(CompressionMethod):
             raise ValueError("shots must be given for ShotKV: pass shots=[(start, end), ...] (token spans of the "
                              "few-shot exemplars, see kvpress_kernels.find_shots) to compress() or generate()")
         self._prefill_kept = {}
+        self._plan = self._make_plan(info)
+        plan = self._plan
+        self.stats = {"budget_tokens": plan["budgets"].tolist(), "protected_tokens": plan["protected"].tolist(),
+                      "over_budget": {}, "kept_tokens": {}, "unused_budget": {}}
+        over = [b for b in range(info.batch_size) if plan["protected"][b] > plan["budgets"][b]]
+        if over and not plan["keep_all"]:
+            warnings.warn(
+                f"ShotKV: the protected tokens (non-shot spans and shots reaching into the observation window) "
+                f"alone exceed the budget ceil({self.keep_ratio} * n) for sequence(s) {over} "
+                f"(protected {[int(plan['protected'][b]) for b in over]} > budget "
+                f"{[int(plan['budgets'][b]) for b in over]}): they are all kept, so the cache holds more than the "
+                "budget; see ShotKV.stats['over_budget']", UserWarning, stacklevel=2)
 
     # -------------------------------------------------------------- segmentation of one prompt
     def segments(self, spans: List[Tuple[int, int]], n: int) -> List[Tuple[int, int, bool]]:
@@ -117,52 +147,65 @@ class ShotKV(CompressionMethod):
         tail = n - (spans[-1][1] if spans else 0)
         return tail if tail > 0 else min(self.fallback_window, n)
 
-    # -------------------------------------------------------------- prefill
-    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
-        info = inputs.info
+    def _make_plan(self, info) -> dict:
+        """Host data of one generation, shared by every layer: segments (of the keepable context),
+        protected segments, budgets, and their device copies."""
         lengths = [int(n) for n in info.prompt_lengths]
-        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
-        dev = inputs.keys.device
+        keep_len = [int(n) for n in info.keep_lengths()]
+        B = len(lengths)
         shots = info.shots
         windows = [self.window(sp, n) for sp, n in zip(shots, lengths)]
-        segs = [self.segments(sp, n) for sp, n in zip(shots, lengths)]
-        budgets, keep_all = [], True
-        for b, n in enumerate(lengths):
-            w0 = n - windows[b]
-            protected = sum(e - s for s, e, shot in segs[b] if not shot or e > w0)
-            budget = max(budget_tokens(self.keep_ratio, n), protected)
-            budgets.append(budget)
-            keep_all &= budget >= n
-        if keep_all:
-            self._prefill_kept[inputs.layer] = np.asarray(lengths, dtype=np.int64)
-            return None
-
-        def score(idx, n, w):
-            sel = to_device(idx, dev, torch.long)
-            q = inputs.query_rows(sel, n - w, n)
-            k = inputs.keys.index_select(0, sel)[:, :, :n]
-            return attention_mass(q, k, scale=inputs.scale, causal=True, head_reduce="all_sum", backend=info.backend)
-
-        scores = scores_by_group(lengths, windows, N, score)                              # [B, N]
-        S = max(len(s) for s in segs)
+        segs = [self.segments(sp, k) for sp, k in zip(shots, keep_len)]
+        S = max(1, max(len(s) for s in segs))
         spans = np.zeros((B, S, 2), dtype=np.int64)
         protect = np.ones((B, S), dtype=bool)          # padding segments are empty: protecting them is free
-        for b, n in enumerate(lengths):
-            spans[b, :, :] = n                         # empty padding segments at the row's end
-            w0 = n - windows[b]
+        for b, k in enumerate(keep_len):
+            spans[b, :, :] = k                         # empty padding segments at the row's end
+            w0 = lengths[b] - windows[b]
             for i, (s, e, shot) in enumerate(segs[b]):
                 spans[b, i] = (s, e)
                 protect[b, i] = (not shot) or e > w0
         sizes = spans[..., 1] - spans[..., 0]
-        spans_t = to_device(spans, dev)
-        seg_scores = segment_reduce(scores, spans=spans_t, reduce="mean", lengths=inputs.lengths,
+        budgets = np.asarray([self.budget(k) for k in keep_len], dtype=np.int64)
+        protected = (sizes * protect).sum(1)
+        keep_all = bool((budgets >= np.asarray(lengths)).all())
+        dev = info.device
+        return {"windows": windows, "budgets": budgets, "protected": protected, "keep_all": keep_all,
+                "keep_len": keep_len, "sizes_host": sizes, "protect_host": protect,
+                "spans": to_device(spans, dev), "sizes": to_device(sizes, dev), "protect": to_device(protect, dev),
+                # the op checks protected <= budget: an overrun (reported) fills with the protected tokens only
+                "budgets_dev": to_device(np.maximum(budgets, protected), dev),
+                "rows": None if keep_len == lengths else to_device(keep_len, dev, torch.int64)}
+
+    # -------------------------------------------------------------- prefill
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        info = inputs.info
+        plan = self._plan
+        if plan is None or self.info is not info:
+            self.begin(info)
+            plan = self._plan
+        lengths = [int(n) for n in info.prompt_lengths]
+        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
+        dev = inputs.keys.device
+        if plan["keep_all"]:
+            self._prefill_kept[inputs.layer] = np.asarray(lengths, dtype=np.int64)
+            return None
+        rows = inputs.lengths if plan["rows"] is None else plan["rows"]
+        scores = window_mass(inputs, plan["windows"], "all_sum")                           # [B, N]
+        seg_scores = segment_reduce(scores, spans=plan["spans"], reduce="mean", lengths=rows,
                                     backend=info.backend)
-        seg_keep = select_segments(seg_scores, to_device(sizes, dev), to_device(np.asarray(budgets, np.int64), dev),
-                                   policy=self.policy, protect=to_device(protect, dev),
-                                   backend=info.backend)
-        mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=spans_t)
+        # protected segments are kept first; where they alone exceed the budget (reported in begin())
+        # the op's budget is theirs, so nothing else is kept
+        seg_keep = select_segments(seg_scores, plan["sizes"], plan["budgets_dev"], policy=self.policy,
+                                   protect=plan["protect"], backend=info.backend)
+        mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=plan["spans"])
         kept, counts = kept_from_mask(mask)
         self._prefill_kept[inputs.layer] = counts
+        over = [b for b in range(B) if counts[b] > plan["budgets"][b]]
+        if over:
+            self.stats["over_budget"][inputs.layer] = over
+        self.stats["kept_tokens"][inputs.layer] = counts.tolist()
+        self.stats["unused_budget"][inputs.layer] = np.maximum(plan["budgets"] - counts, 0).tolist()
         return Eviction(kept.unsqueeze(1).expand(B, Hkv, kept.shape[1]).contiguous(),
                         np.repeat(counts[:, None], Hkv, axis=1))
 

@@ -5,28 +5,51 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import torch
 
 from .. import _validate as V
 from ..ops.scoring import token_norm
-from .base import CompressionMethod, Eviction, PrefillInputs, budget_tokens, to_device
+from .base import CompressionMethod, Eviction, PrefillInputs, to_device
 from .snapkv import topk_per_head
 
 
 class StreamingLLM(CompressionMethod):
     """StreamingLLM (Xiao et al. 2024): keep the first ``n_sink`` tokens (attention sinks) and the most
     recent ones, ``ceil(keep_ratio * n)`` in all (only sinks, the first ones, when the budget is
-    smaller than ``n_sink``). Same tokens for every kv head; computed on the host, no scoring."""
+    smaller than ``n_sink``). Same tokens for every kv head; computed on the host, no scoring.
 
-    def __init__(self, keep_ratio: float = 0.5, *, n_sink: int = 4):
-        super().__init__(keep_ratio)
+    kvpress-compatible (:meth:`kvpress`): ``budget_rounding="floor"`` (``int(n * keep_ratio)``), the
+    only difference from kvpress 0.5.5's ``StreamingLLMPress``."""
+
+    def __init__(self, keep_ratio: float = 0.5, *, n_sink: int = 4, budget_rounding: str = "ceil"):
+        super().__init__(keep_ratio, budget_rounding=budget_rounding)
         self.n_sink = V.integer("n_sink", n_sink, low=0)
 
+    @classmethod
+    def kvpress(cls, compression_ratio: float, **kwargs) -> "StreamingLLM":
+        """The options that reproduce kvpress 0.5.5 (``compression_ratio`` = fraction REMOVED)."""
+        kwargs.setdefault("budget_rounding", "floor")
+        return cls(1.0 - compression_ratio, **kwargs)
+
     def _repr_args(self):
-        return {"keep_ratio": self.keep_ratio, "n_sink": self.n_sink}
+        return {**super()._repr_args(), "n_sink": self.n_sink}
+
+    def token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
+        """kvpress's StreamingLLM scores ``[B, Hkv, N]``: 1 for the kept tokens, 0 for the evicted ones
+        (what a chunk-level wrapper such as :class:`~kvpress_kernels.methods.ChunkKV` averages)."""
+        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
+        out = torch.zeros(B, N, dtype=torch.float32)
+        for b, n in enumerate(inputs.info.prompt_lengths):
+            n = int(n)
+            k = self.budget(n)
+            sink = min(self.n_sink, k)
+            out[b, :sink] = 1.0
+            out[b, n - (k - sink):n] = 1.0
+        return to_device(out.numpy(), inputs.keys.device).unsqueeze(1).expand(B, Hkv, N)
 
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         lengths = [int(n) for n in inputs.info.prompt_lengths]
-        budgets = [budget_tokens(self.keep_ratio, n) for n in lengths]
+        budgets = [self.budget(n) for n in lengths]
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
         B, Hkv = inputs.keys.shape[0], inputs.keys.shape[1]
@@ -43,12 +66,48 @@ class StreamingLLM(CompressionMethod):
 
 class KNorm(CompressionMethod):
     """KNorm (Devoto et al. 2024): keys with a small L2 norm draw the most attention, so each
-    (sequence, kv head) keeps its ``ceil(keep_ratio * n)`` lowest-norm keys (score ``-||k_j||``)."""
+    (sequence, kv head) keeps its ``ceil(keep_ratio * n)`` lowest-norm keys (score ``-||k_j||``, fp32).
+
+    kvpress-compatible (:meth:`kvpress`): ``budget_rounding="floor"``, the only difference from kvpress
+    0.5.5's ``KnormPress``."""
+
+    @classmethod
+    def kvpress(cls, compression_ratio: float, **kwargs) -> "KNorm":
+        """The options that reproduce kvpress 0.5.5 (``compression_ratio`` = fraction REMOVED)."""
+        kwargs.setdefault("budget_rounding", "floor")
+        return cls(1.0 - compression_ratio, **kwargs)
+
+    def token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
+        """``-||k_j||`` per (sequence, kv head) ``[B, Hkv, N]`` (0 beyond each length)."""
+        return -token_norm(inputs.keys, lengths=inputs.lengths)
 
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         lengths = [int(n) for n in inputs.info.prompt_lengths]
-        budgets = [budget_tokens(self.keep_ratio, n) for n in lengths]
+        budgets = [self.budget(n) for n in lengths]
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
-        scores = -token_norm(inputs.keys, lengths=inputs.lengths)
-        return topk_per_head(scores, budgets, inputs.lengths, backend=inputs.info.backend)
+        return topk_per_head(self.token_scores(inputs), budgets, inputs.lengths, backend=inputs.info.backend)
+
+
+class ScorerTopK(CompressionMethod):
+    """Per-(sequence, kv head) top-``budget`` of token scores supplied by the host: kvpress's
+    ``ScorerPress`` rule, for a host scorer this package has no method of (a kvpress press that is not
+    ours, wrapped by :class:`~kvpress_kernels.integrations.kvpress.ChunkKVPress`).
+
+    ``scores(inputs) -> [B, Hkv, N]`` (higher = keep) is called once per layer."""
+
+    def __init__(self, keep_ratio: float = 0.5, *, scores, budget_rounding: str = "ceil"):
+        super().__init__(keep_ratio, budget_rounding=budget_rounding)
+        if not callable(scores):
+            raise TypeError(f"scores must be callable(inputs) -> [B, Hkv, N], got {type(scores).__name__}")
+        self._scores = scores
+
+    def token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
+        return self._scores(inputs).float()
+
+    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
+        lengths = [int(n) for n in inputs.info.prompt_lengths]
+        budgets = [self.budget(n) for n in lengths]
+        if all(b >= n for b, n in zip(budgets, lengths)):
+            return None
+        return topk_per_head(self.token_scores(inputs), budgets, inputs.lengths, backend=inputs.info.backend)
