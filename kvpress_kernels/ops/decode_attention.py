@@ -57,7 +57,8 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
-from .._backend import resolve_backend, wants_data_checks
+from .._backend import resolve_backend, triton_interpret, wants_data_checks
+from ._tiles import gpu_tiles, sm_count
 
 try:
     import triton
@@ -272,8 +273,8 @@ def default_num_splits(max_len: int, rows: int, device: torch.device, block_n: i
     ``lengths``): enough ``(row, split)`` programs for about two waves on the GPU, but at least four
     ``block_n`` tiles per split so the partial-result traffic stays small next to K and V."""
     tiles = max(1, -(-max_len // block_n))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if gpu_tiles(device):
+        sms = sm_count(device)
     else:
         sms = 1  # the interpreter runs programs one after another: splitting only costs
     want = max(1, -(-2 * sms // max(1, rows)))
@@ -307,7 +308,7 @@ def _paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, sca
     mid_acc = torch.empty(rows, splits, GT, D, dtype=torch.float32, device=dev)
     logits = torch.empty(rows, GT, max_len, dtype=torch.float32, device=dev) if return_probs else mid_m
     lse = torch.empty(rows, GT, dtype=torch.float32, device=dev) if return_probs else mid_m
-    native = dev.type == "cuda" and q.dtype != torch.float32
+    native = gpu_tiles(dev) and not triton_interpret() and q.dtype != torch.float32
     _decode_split_kernel[(rows, splits, m_blocks)](
         q, k_pages, v_pages, page_table, lengths, mid_m, mid_l, mid_acc, logits,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1),

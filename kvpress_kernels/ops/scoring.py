@@ -65,7 +65,6 @@ one memory-bound ``vector_norm`` is already at bandwidth and needs no kernel of 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -73,6 +72,7 @@ import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import resolve_backend, triton_interpret, wants_data_checks
+from ._tiles import gpu_tiles, sm_count
 
 try:
     import triton
@@ -505,15 +505,10 @@ if triton is not None:
         tl.store(dst + row * n + j, res, mask=jmask)
 
 
-@lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _blocks(q: torch.Tensor, W: int, G: int, D: int) -> tuple[int, int, int, int]:
     """(BLOCK_M for pass 2, BLOCK_M for pass 1, BLOCK_N, BLOCK_D). tl.dot needs every dim >= 16."""
     block_d = max(16, triton.next_power_of_2(D))
-    if q.device.type == "cuda":
+    if gpu_tiles(q.device):
         # A 64-key tile of 128 fp16 dims is 16 KiB of registers per program; halve it for wider rows
         # (fp32 operands, or D > 128) so tiles + logits stay in registers without spilling.
         cap_m, block_n = 64, (64 if D * q.element_size() <= 256 else 32)
@@ -529,7 +524,7 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     # In the interpreter bf16/fp16 arithmetic is emulated wrongly: compute in fp32 there. On a GPU,
     # fp16/bf16 operands go to tl.dot as they are (products exact in the fp32 accumulator); fp32
     # operands use "ieee" so that TF32 truncation does not perturb the logits.
-    upcast = q.device.type != "cuda" or triton_interpret()
+    upcast = not gpu_tiles(q.device) or triton_interpret()
     fp32_dot = upcast or q.dtype == torch.float32
     return dict(UPCAST=upcast, DOT_PREC="ieee" if fp32_dot else "tf32")
 
@@ -555,9 +550,9 @@ def _lse_triton(q, k, page_table, lens, n_keys: int, scale: float, causal: bool)
     split_n = _OVERRIDES.get("split_n")
     if split_n is None:
         splits = 1
-        if q.device.type == "cuda":
+        if gpu_tiles(q.device):
             # Enough programs for ~4 waves over the SMs, each split at least 4 tiles long.
-            want = triton.cdiv(4 * _sm_count(q.device.index or 0), B * Hkv * row_blocks)
+            want = triton.cdiv(4 * sm_count(q.device), B * Hkv * row_blocks)
             splits = max(1, min(want, triton.cdiv(n_tiles, 4)))
         split_n = triton.cdiv(n_tiles, splits) * block_n
     splits = max(1, triton.cdiv(n_keys, split_n))
@@ -617,7 +612,7 @@ def _pool_triton(scores: torch.Tensor, row_lens: torch.Tensor, pool: str, pool_s
     src = scores.reshape(-1, n)
     dst = torch.empty_like(src)
     if src.numel():
-        block = 128 if scores.device.type == "cuda" else 64
+        block = 128 if gpu_tiles(scores.device) else 64
         _pool_kernel[(triton.cdiv(n, block), src.shape[0])](
             src, dst, row_lens.reshape(-1), n, -1 if pool_end is None else pool_end, pool_size,
             IS_MAX=pool == "max", HAS_END=pool_end is not None, BLOCK=block)
