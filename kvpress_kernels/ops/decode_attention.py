@@ -69,6 +69,10 @@ except Exception:  # pragma: no cover - Triton missing (e.g. macOS): reference o
 _LOG2E = 1.4426950408889634
 _MAX_TRITON_HEAD_DIM = 256
 
+# Launch overrides for tests. "native_dot": True feeds fp16/bf16 tiles to tl.dot natively (the GPU path)
+# even in the interpreter, which computes fp16 correctly (bf16 it does not).
+_OVERRIDES: dict = {}
+
 
 def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                                page_table: torch.Tensor, lengths: torch.Tensor, *, scale: Optional[float] = None,
@@ -308,7 +312,7 @@ def _paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, sca
     mid_acc = torch.empty(rows, splits, GT, D, dtype=torch.float32, device=dev)
     logits = torch.empty(rows, GT, max_len, dtype=torch.float32, device=dev) if return_probs else mid_m
     lse = torch.empty(rows, GT, dtype=torch.float32, device=dev) if return_probs else mid_m
-    native = gpu_tiles(dev) and not triton_interpret() and q.dtype != torch.float32
+    native = _OVERRIDES.get("native_dot", gpu_tiles(dev) and not triton_interpret()) and q.dtype != torch.float32
     _decode_split_kernel[(rows, splits, m_blocks)](
         q, k_pages, v_pages, page_table, lengths, mid_m, mid_l, mid_acc, logits,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1),

@@ -87,7 +87,8 @@ POOLS = ("avg", "max")
 _REF_CHUNK_ELEMS = 1 << 24
 
 # Launch-configuration overrides, for tests that want several tiles / splits on tiny inputs.
-# Keys: "block_n", "block_m", "split_n".
+# Keys: "block_n", "block_m", "split_n", and "native_dot" (True: fp16/bf16 operands go to tl.dot as on a
+# GPU, even in the interpreter, where fp16 is computed correctly; only bf16 is not).
 _OVERRIDES: dict = {}
 
 _LOG2E = 1.4426950408889634
@@ -524,7 +525,8 @@ def _kernel_flags(q: torch.Tensor) -> dict:
     # In the interpreter bf16/fp16 arithmetic is emulated wrongly: compute in fp32 there. On a GPU,
     # fp16/bf16 operands go to tl.dot as they are (products exact in the fp32 accumulator); fp32
     # operands use "ieee" so that TF32 truncation does not perturb the logits.
-    upcast = not gpu_tiles(q.device) or triton_interpret()
+    native = _OVERRIDES.get("native_dot")  # tests run the GPU's native fp16 dot in the interpreter
+    upcast = (not gpu_tiles(q.device) or triton_interpret()) if native is None else not native
     fp32_dot = upcast or q.dtype == torch.float32
     return dict(UPCAST=upcast, DOT_PREC="ieee" if fp32_dot else "tf32")
 
