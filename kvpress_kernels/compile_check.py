@@ -707,6 +707,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this arch (repeatable)")
     p.add_argument("--doc", default=None, help="write the generated markdown table here (e.g. docs/COMPILE_CHECK.md)")
     p.add_argument("--json", default=None, help="write the per-variant results as JSON here")
+    p.add_argument("--merge", action="append", default=[],
+                   help="JSON (--json) of a run under another Triton whose tables --doc includes too")
     p.add_argument("--variants", action="store_true", help="print the per-variant table too")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -724,14 +726,12 @@ def main(argv=None) -> int:
         print("\n".join(probs))
     print()
     print(summary_line(rep))
-    if args.doc:
-        docs = [rep]
-        extra = os.environ.get("KVPRESS_KERNELS_COMPILE_CHECK_MERGE")  # JSON of another Triton's run
-        if extra and Path(extra).exists():
-            docs.append(_load_json(Path(extra)))
-        write_doc(docs, Path(args.doc), "make compile-check")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         _dump_json(rep, Path(args.json))
+    if args.doc:
+        write_doc([rep] + [_load_json(Path(m)) for m in args.merge], Path(args.doc),
+                  "make compile-check-triton36 compile-check")
     return 1 if probs else 0
 
 
