@@ -208,8 +208,10 @@ def _cases() -> list[Case]:
             else:
                 SG._segment_reduce_triton(x, None, size, -(-N // size), reduce, lens)
         add("segments", f"{'spans' if spans else f'chunk={size}'} lengths={int(lengths)} reduce={reduce}", dt, None, run)
-    for dt, N, lengths, protect in itertools.product(("fp32", "fp16"), (200, 700, 5000), (True, False), (True, False)):
-        if dt == "fp16" and N != 700:
+    # Selection: the three tile widths (256, 512, 1024) at 16-aligned rows, plus one unaligned row (1000).
+    for dt, N, lengths, protect in itertools.product(("fp32", "fp16"), (256, 512, 4096, 1000), (True, False),
+                                                     (True, False)):
+        if (dt == "fp16" or N == 1000) and not (N in (512, 1000) and lengths and protect):
             continue
         def run(dt=dt, N=N, lengths=lengths, protect=protect):
             x = torch.zeros(4, N, dtype=DTYPES[dt])
@@ -581,13 +583,17 @@ def build_variants(kernels: dict, cases: list[Case], archs=ARCHS) -> tuple[list[
 
 
 def run_check(jobs_n: Optional[int] = None, kernel_filter: Optional[str] = None, archs=ARCHS,
-              progress: bool = True) -> dict:
+              progress: bool = True, case_filter: Optional[str] = None) -> dict:
     import triton
 
     t0 = time.time()
     kernels, helpers = discover_kernels()
     cases = _cases()
+    if case_filter:  # a partial run (iterating on one kernel): kernels it does not launch are not "missing"
+        cases = [c for c in cases if re.search(case_filter, f"{c.op} {c.dtype} D={c.head_dim} {c.label}")]
     variants, jobs, missing = build_variants(kernels, cases, archs)
+    if case_filter or kernel_filter:
+        missing = []
     if kernel_filter:
         variants = [v for v in variants if re.search(kernel_filter, v.kernel)]
         keys = {v.result["key"] for v in variants}
@@ -704,6 +710,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="kvpress-kernels compile-check", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=None, help="compile processes (default: CPU count)")
     p.add_argument("--kernel", default=None, help="only kernels whose name matches this regex")
+    p.add_argument("--cases", default=None, help='only cases matching this regex, e.g. "decode_attention fp32 D=256"')
     p.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this arch (repeatable)")
     p.add_argument("--doc", default=None, help="write the generated markdown table here (e.g. docs/COMPILE_CHECK.md)")
     p.add_argument("--json", default=None, help="write the per-variant results as JSON here")
@@ -715,7 +722,7 @@ def main(argv=None) -> int:
         print("compile-check: unset TRITON_INTERPRET (the interpreter replaces the kernels the check compiles)",
               file=sys.stderr)
         return 2
-    rep = run_check(args.jobs, args.kernel, tuple(args.arch or ARCHS))
+    rep = run_check(args.jobs, args.kernel, tuple(args.arch or ARCHS), case_filter=args.cases)
     print("\n".join(kernel_table(rep)))
     if args.variants:
         print()
