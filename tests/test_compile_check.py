@@ -135,3 +135,21 @@ def test_cli_refuses_the_interpreter():
     r = subprocess.run([sys.executable, "-m", "kvpress_kernels.cli", "compile-check", "--arch", "90"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2 and "unset TRITON_INTERPRET" in r.stderr
+
+
+def test_copy_views_and_tiles_aim_at_16_byte_vectors():
+    import torch
+
+    from kvpress_kernels.ops.compaction import copy_tile, wide_bits
+
+    # Widest integer view whose rows keep 16-element-divisible strides (what lets Triton prove alignment).
+    assert wide_bits(torch.zeros(4, 16, 128, dtype=torch.float16)).dtype == torch.int64
+    assert wide_bits(torch.zeros(4, 16, 96, dtype=torch.float16)).dtype == torch.int32   # int64 rows: 24
+    assert wide_bits(torch.zeros(4, 16, 96, dtype=torch.float32)).dtype == torch.int64
+    assert wide_bits(torch.zeros(4, 16, 7, dtype=torch.float16)).dtype == torch.int16    # nothing wider is legal
+    assert wide_bits(torch.zeros(4, 16, 128, dtype=torch.float16), max_width=4).dtype == torch.int32
+    # (tokens, BLOCK_D, EVEN_D, warps): a decode step's single token still fills 16 bytes per thread.
+    assert copy_tile(1, 32, 32, 8) == (2, 32, True, 1)
+    assert copy_tile(37, 32, 32, 8) == (32, 32, True, 4)
+    assert copy_tile(3000, 48, 48, 4) == (128, 16, True, 4)      # fp16 D = 96 as int32: 16 | 48, 64 B steps
+    assert copy_tile(5, 7, 7, 2) == (32, 8, False, 1)              # odd rows: masked tail, 512 B tile
