@@ -52,7 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -583,7 +583,7 @@ def build_variants(kernels: dict, cases: list[Case], archs=ARCHS) -> tuple[list[
 
 
 def run_check(jobs_n: Optional[int] = None, kernel_filter: Optional[str] = None, archs=ARCHS,
-              progress: bool = True, case_filter: Optional[str] = None) -> dict:
+              progress: bool = True, case_filter: Optional[str] = None, budget_s: Optional[float] = None) -> dict:
     import triton
 
     t0 = time.time()
@@ -600,19 +600,26 @@ def run_check(jobs_n: Optional[int] = None, kernel_filter: Optional[str] = None,
         jobs = [j for j in jobs if j["key"] in keys]
     results = {}
     workers = jobs_n or max(1, min(len(jobs), os.cpu_count() or 1))
-    done = 0
-    if workers == 1:
-        it = map(_compile_one, jobs)
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        it = pool.map(_compile_one, jobs, chunksize=1)
-    for res in it:
-        results[res["key"]] = res
-        done += 1
-        if progress and (done % 20 == 0 or done == len(jobs)):
-            print(f"  compiled {done}/{len(jobs)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if workers != 1:
-        pool.shutdown()
+    deadline = None if budget_s is None else t0 + budget_s
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_compile_one, j): j["key"] for j in jobs}
+        pending = set(futures)
+        while pending:
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+            for f in done:
+                res = f.result()
+                results[res["key"]] = res
+            n = len(results)
+            if progress and done and (n % 20 < len(done) or not pending):
+                print(f"  compiled {n}/{len(jobs)} ({time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if deadline is not None and time.time() >= deadline and pending:
+                for f in pending:
+                    f.cancel()
+                for f in pending:
+                    results[futures[f]] = dict(key=futures[f], ok=False, seconds=0.0,
+                                               error=f"not compiled: --budget-s {budget_s:g} s spent")
+                break
     for v in variants:
         v.result = results[v.result["key"]]
         v.problems = judge(v, ROLES.get(v.kernel, Role()))
@@ -717,12 +724,15 @@ def main(argv=None) -> int:
     p.add_argument("--merge", action="append", default=[],
                    help="JSON (--json) of a run under another Triton whose tables --doc includes too")
     p.add_argument("--variants", action="store_true", help="print the per-variant table too")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop compiling after this many seconds; the rest fails as not compiled (local runs)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("compile-check: unset TRITON_INTERPRET (the interpreter replaces the kernels the check compiles)",
               file=sys.stderr)
         return 2
-    rep = run_check(args.jobs, args.kernel, tuple(args.arch or ARCHS), case_filter=args.cases)
+    rep = run_check(args.jobs, args.kernel, tuple(args.arch or ARCHS), case_filter=args.cases,
+                    budget_s=args.budget_s)
     print("\n".join(kernel_table(rep)))
     if args.variants:
         print()
