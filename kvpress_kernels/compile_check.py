@@ -33,9 +33,18 @@ It fails on
   segment reduce, selection).
 
 Run: ``kvpress-kernels compile-check`` (or ``python -m kvpress_kernels.compile_check``; ``make
-compile-check``). ``TRITON_INTERPRET`` must be unset: the interpreter replaces the kernels. Results
-of ptxas are cached by PTX hash under ``~/.cache/kvpress_kernels/compile_check`` and Triton caches
-its compiled kernels by source hash, so a rerun on unchanged kernels takes seconds.
+compile-check``, and ``make compile-check-triton36`` for Triton 3.6 in a side environment; CI runs
+both). ``TRITON_INTERPRET`` must be unset: the interpreter replaces the kernels. ``--cases REGEX`` /
+``--kernel REGEX`` / ``--arch`` narrow a run while iterating on one kernel; ``--doc`` writes the
+generated table (docs/COMPILE_CHECK.md), ``--json`` the raw results. Results of ptxas are cached by
+PTX hash under ``~/.cache/kvpress_kernels/compile_check`` and Triton caches its compiled kernels by
+source hash, so a rerun on unchanged kernels takes seconds.
+
+Coverage: every (dtype, head dim) in fp16/bf16/fp32 x 64/96/128/256 with every block size, warp count
+and split choice its launcher makes for it; feature flags (counts, positions, causal, probabilities,
+paged, head reduction, ...) crossed in full at D = 128 and at their heaviest setting elsewhere;
+page size 16; integer arguments that the JIT specialises (``== 1``, ``% 16``) at a decode-like and a
+prefill-like value. A configuration outside these (another page size, say) compiles on first use.
 """
 
 from __future__ import annotations
