@@ -339,7 +339,7 @@ def _paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, sca
     if return_probs:
         _decode_probs_kernel[(rows, triton.cdiv(max_len, 128))](
             logits, lse, lengths, probs, lengths.stride(0), lengths.stride(1), Hkv, G, T, max_len,
-            CAUSAL=causal, BLOCK_M=min(block_m, 32), BLOCK_N=128, num_warps=1)  # 16-byte probs stores
+            CAUSAL=causal, BLOCK_M=min(block_m, 32), BLOCK_N=128, num_warps=4)
     return out, probs
 
 

@@ -523,7 +523,9 @@ def _blocks(q: torch.Tensor, W: int, G: int, D: int) -> tuple[int, int, int, int
     block_m = _OVERRIDES.get("block_m") or max(16, min(cap_m, triton.next_power_of_2(max(W, 1))))
     block_m1 = _OVERRIDES.get("block_m") or max(16, min(cap_m, triton.next_power_of_2(max(G * W, 1))))
     block_n = _OVERRIDES.get("block_n") or block_n
-    return block_m, block_m1, block_n, block_d, 4
+    # fp32: 8 warps (with 4, pass 2 spilled 4-8 bytes in some variants on sm_80 / sm_90, D = 64-256).
+    warps = 8 if gpu_tiles(q.device) and q.dtype == torch.float32 else 4
+    return block_m, block_m1, block_n, block_d, warps
 
 
 def _kernel_flags(q: torch.Tensor) -> dict:

@@ -310,9 +310,9 @@ if triton is not None:
 
 
 def _topk_warps(block: int, elem_size: int) -> int:
-    """Warps for a BLOCK-wide row tile: 16 bytes of scores per thread (fewer elements per thread and
-    Triton's layout splits the loads below 16 bytes), at most 8 warps."""
-    return max(1, min(8, block // (32 * (16 // elem_size))))
+    """Warps for a BLOCK-wide row tile. Fewer warps would give each thread 16 bytes of scores (wider
+    loads), but the compile check found spills with 2 warps at BLOCK = 256 (sm_80, Triton 3.6)."""
+    return 4 if block <= 512 else 8
 
 
 def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
