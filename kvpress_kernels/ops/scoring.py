@@ -603,7 +603,9 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
             lens.stride(0), lens.stride(1), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
             Hkv, G, W, D, n_out, scale * _LOG2E, out_scale,
             PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, REDUCE=reduce_code,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps, **_kernel_flags(q))
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            # fp32: no software pipelining of the query loads (its buffers spilled 4 B at D = 256, sm_90)
+            num_stages=1 if q.dtype == torch.float32 and gpu_tiles(q.device) else 3, **_kernel_flags(q))
     if head_reduce.startswith("all"):
         out = out.amax(dim=1) if head_reduce == "all_max" else out.sum(dim=1)
         if head_reduce == "all_mean":

@@ -311,8 +311,9 @@ if triton is not None:
 
 def _topk_warps(block: int, elem_size: int) -> int:
     """Warps for a BLOCK-wide row tile. Fewer warps would give each thread 16 bytes of scores (wider
-    loads), but the compile check found spills with 2 warps at BLOCK = 256 (sm_80, Triton 3.6)."""
-    return 4 if block <= 512 else 8
+    loads), but the compile check found spills with 2 warps at BLOCK = 256 and with 4 at BLOCK = 512
+    (sm_80, Triton 3.6)."""
+    return 4 if block <= 256 else 8
 
 
 def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
