@@ -1,9 +1,11 @@
-"""The command line: ``kvpress-kernels demo | bench | eval | info`` (DESIGN.md §8).
+"""The command line: ``kvpress-kernels demo | bench | eval | info | compile-check`` (DESIGN.md §8).
 
 - ``demo``  — SmolLM2-135M on a many-shot prompt: full cache vs ShotKV vs SnapKV, side by side.
 - ``bench`` — the benchmark suite of ``benchmarks/`` (every op and the whole compression step).
 - ``eval``  — the quality harness (:mod:`kvpress_kernels.evaluation`): methods x keep ratios.
 - ``info``  — which backends are available here, and why not.
+- ``compile-check`` — every Triton kernel variant compiled for sm_80/sm_90 without a GPU, checked for
+  spills, registers and 16-byte K/V accesses (:mod:`kvpress_kernels.compile_check`).
 
 Bad input (an unknown method, a keep ratio outside ``(0, 1]``, an output path that cannot be
 written) ends with one line on stderr and exit status 2; an unexpected failure with one line and
@@ -189,7 +191,7 @@ def cmd_demo(args) -> int:
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog=PROG, description="Fused kernels for KV-cache compression in a paged KV cache.")
-    sub = ap.add_subparsers(dest="command", metavar="{demo,bench,eval,info}", parser_class=_Parser)
+    sub = ap.add_subparsers(dest="command", metavar="{demo,bench,eval,info,compile-check}", parser_class=_Parser)
 
     p = sub.add_parser("info", help="which backends (reference / triton / cuda) are available here")
     p.set_defaults(func=cmd_info)
@@ -232,11 +234,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query_aware (question inside the compressed prompt) and/or query_agnostic")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compile-check", add_help=False,
+                       help="compile every Triton kernel variant for sm_80/sm_90 (no GPU needed) and check "
+                            "spills, registers, 16-byte K/V accesses; `compile-check --help` for options")
+    p.set_defaults(func=lambda args: 0)  # dispatched in main() before parsing
     return ap
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compile-check"]:  # its own options (argparse's REMAINDER drops leading --flags)
+        from . import compile_check
+        return compile_check.main(argv[1:])
     try:
         args = ap.parse_args(argv)
         if not getattr(args, "func", None):

@@ -11,7 +11,9 @@ first ``counts[r]`` tokens of a row are written, which is how ragged / padded ba
 Pages must already be owned by the row (``PagedKVCache`` allocates them); the op never allocates,
 so it never syncs the host and is CUDA-graph safe.
 
-The copy is bit-exact: kernels move the raw bits (viewed as integers), whatever the float dtype.
+The copy is bit-exact: kernels move the raw bits (viewed as integers), whatever the float dtype. The
+Triton kernel copies [tokens x D] tiles in the widest integer view the layout allows, so that a GPU
+moves K/V in 16-byte vectors (``kvpress-kernels compile-check`` verifies it in the PTX).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
+from .compaction import copy_tile, wide_bits
 
 try:
     import triton
@@ -56,23 +59,19 @@ def append_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.T
     lens += cnt.to(lens.dtype)
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """View a float tensor as same-width integers, so copies are bit-exact in every backend
-    (the Triton interpreter mishandles bf16 arithmetic, but integer moves are exact)."""
-    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 if triton is not None:
 
     @triton.jit
     def _append_kernel(k_pages, v_pages, pos_pages, table, lengths, counts, k_new, v_new, pos_new,
                        stride_kp_page, stride_kp_slot, stride_vp_page, stride_vp_slot,
                        stride_table_row, stride_table_col, stride_kn_row, stride_kn_t, stride_vn_row, stride_vn_t,
-                       stride_pn_row, T, D, PAGE_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-                       HAS_COUNTS: tl.constexpr, HAS_POS: tl.constexpr):
-        # Programs of axis 1 stride over the row's new tokens (CUDA caps grid axis 1 at 65,535, and a
-        # long prefill appends more tokens than that). Lengths are advanced by a second tiny launch so
-        # that no program reads a length another program has already advanced.
+                       stride_pn_row, T, DK, DV, PAGE_SIZE: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, HAS_COUNTS: tl.constexpr,
+                       HAS_POS: tl.constexpr):
+        # A program copies [BLOCK_T tokens, BLOCK_D] tiles of raw bits (like compaction): one page
+        # lookup per token, then 16-byte vectors along D. Programs of axis 1 stride over the row's
+        # token tiles (CUDA caps grid axis 1 at 65,535). Lengths are advanced by a second tiny
+        # launch so that no program reads a length another program has already advanced.
         row = tl.program_id(0).to(tl.int64)
         if HAS_COUNTS:
             n = tl.load(counts + row)
@@ -80,19 +79,33 @@ if triton is not None:
             n = T
         base = tl.load(lengths + row).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
-        for t in range(tl.program_id(1), n, tl.num_programs(1)):
+        for t0 in range(tl.program_id(1) * BLOCK_T, n, tl.num_programs(1) * BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < n
             slot = base + t
-            page = tl.load(table + row * stride_table_row + (slot // PAGE_SIZE) * stride_table_col).to(tl.int64)
+            page = tl.load(table + row * stride_table_row + (slot // PAGE_SIZE) * stride_table_col,
+                           mask=tm, other=0).to(tl.int64)
             off = slot % PAGE_SIZE
-            for d0 in range(0, D, BLOCK_D):
-                m = d0 + d < D
-                kv = tl.load(k_new + row * stride_kn_row + t * stride_kn_t + d0 + d, mask=m)
-                tl.store(k_pages + page * stride_kp_page + off * stride_kp_slot + d0 + d, kv, mask=m)
-                vv = tl.load(v_new + row * stride_vn_row + t * stride_vn_t + d0 + d, mask=m)
-                tl.store(v_pages + page * stride_vp_page + off * stride_vp_slot + d0 + d, vv, mask=m)
+            tt = t.to(tl.int64)[:, None]
+            k_dst = (page * stride_kp_page + off * stride_kp_slot)[:, None]
+            for d0 in range(0, DK, BLOCK_D):
+                if EVEN_D:  # a mask constant along d keeps the 16-byte vectors
+                    m = tm[:, None] & (d < BLOCK_D)[None, :]
+                else:
+                    m = tm[:, None] & ((d0 + d) < DK)[None, :]
+                x = tl.load(k_new + row * stride_kn_row + tt * stride_kn_t + (d0 + d)[None, :], mask=m)
+                tl.store(k_pages + k_dst + (d0 + d)[None, :], x, mask=m)
+            v_dst = (page * stride_vp_page + off * stride_vp_slot)[:, None]
+            for d0 in range(0, DV, BLOCK_D):
+                if EVEN_D:
+                    m = tm[:, None] & (d < BLOCK_D)[None, :]
+                else:
+                    m = tm[:, None] & ((d0 + d) < DV)[None, :]
+                x = tl.load(v_new + row * stride_vn_row + tt * stride_vn_t + (d0 + d)[None, :], mask=m)
+                tl.store(v_pages + v_dst + (d0 + d)[None, :], x, mask=m)
             if HAS_POS:
-                p = tl.load(pos_new + row * stride_pn_row + t)
-                tl.store(pos_pages + page * PAGE_SIZE + off, p)
+                p = tl.load(pos_new + row * stride_pn_row + t, mask=tm)
+                tl.store(pos_pages + page * PAGE_SIZE + off, p, mask=tm)
 
     @triton.jit
     def _advance_lengths_kernel(lengths, counts, rows, T, HAS_COUNTS: tl.constexpr, BLOCK: tl.constexpr):
@@ -116,22 +129,31 @@ def _append_triton(k_pages, v_pages, page_table, lengths, k_new, v_new, counts, 
         return
     page_size = k_pages.shape[1]
     table = page_table.reshape(rows, page_table.shape[-1])
-    kn = _bits(k_new.reshape(rows, T, D))
-    vn = _bits(v_new.reshape(rows, T, D))
-    kp, vp = _bits(k_pages), _bits(v_pages)
+    # Raw bits in the widest integer view all four tensors allow (one width for the pair of each copy).
+    kn, kp = _copy_views(k_new.reshape(rows, T, D), k_pages)
+    vn, vp = _copy_views(v_new.reshape(rows, T, D), v_pages)
     lens = lengths.reshape(rows)
     cnt = counts.reshape(rows).contiguous() if counts is not None else lens  # read with unit stride
     # the kernel reads a row's positions with unit stride
     pn = pos_new.reshape(rows, T).to(pos_pages.dtype).contiguous() if pos_pages is not None else lens
     pp = pos_pages if pos_pages is not None else lens
-    block_d = min(triton.next_power_of_2(D), 256)
-    _append_kernel[(rows, min(T, _MAX_GRID_Y))](
+    dk, dv = kp.shape[-1], vp.shape[-1]
+    block_t, block_d, even_d, num_warps = copy_tile(T, dk, dv, kp.element_size())
+    _append_kernel[(rows, min(triton.cdiv(T, block_t), _MAX_GRID_Y))](
         kp, vp, pp, table, lens, cnt, kn, vn, pn,
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1),
         table.stride(0), table.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        pn.stride(0) if pos_pages is not None else 0, T, D,
-        PAGE_SIZE=page_size, BLOCK_D=block_d, HAS_COUNTS=counts is not None, HAS_POS=pos_pages is not None)
+        pn.stride(0) if pos_pages is not None else 0, T, dk, dv,
+        PAGE_SIZE=page_size, BLOCK_T=block_t, BLOCK_D=block_d, EVEN_D=even_d,
+        HAS_COUNTS=counts is not None, HAS_POS=pos_pages is not None, num_warps=num_warps)
     _advance_lengths_kernel[(triton.cdiv(rows, 256),)](lens, cnt, rows, T, HAS_COUNTS=counts is not None, BLOCK=256)
+
+
+def _copy_views(new: torch.Tensor, pages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new, pages) viewed as the same integer type, the widest both allow (see compaction)."""
+    a, b = wide_bits(new), wide_bits(pages)
+    width = min(a.element_size(), b.element_size())
+    return wide_bits(new, max_width=width), wide_bits(pages, max_width=width)
 
 
 @torch.library.custom_op("kvpress_kernels::append_", mutates_args=("k_pages", "v_pages", "lengths", "pos_pages"))

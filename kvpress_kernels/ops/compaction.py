@@ -32,6 +32,7 @@ The program of tile 0 writes the row's new length; no program reads ``lengths``,
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -104,23 +105,65 @@ def compact_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.
     lengths.reshape(rows).copy_(new_len.to(lengths.dtype))
 
 
-def _wide_bits(t: torch.Tensor) -> torch.Tensor:
-    """View a float pool as the widest integer type its layout allows (at least its own width).
+def wide_bits(t: torch.Tensor, max_width: int = 8) -> torch.Tensor:
+    """View a float tensor as an integer type at least as wide as its own, at most ``max_width`` bytes.
 
     Moving raw bits keeps the copy bit-exact in every backend (the interpreter mishandles bf16
     arithmetic, integer moves are exact); wider elements mean fewer, wider memory transactions.
     ``Tensor.view(dtype)`` itself checks what makes a wider view legal (unit last stride, sizes,
-    strides and storage offset divisible by the ratio), so we try widest first.
+    strides and storage offset divisible by the ratio). Among the legal views, the widest one whose
+    outer strides are multiples of 16 elements is preferred: Triton's JIT marks such strides as
+    divisible by 16, which is what lets the compiler prove 16-byte alignment of every row and emit
+    16-byte vectors (fp16 at D = 96: an int64 view has 24-element rows and gets 8-byte moves, the
+    int32 view has 48-element rows and gets 16-byte moves).
     """
     es = t.element_size()
+    legal = []
     for width, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8)):
         if width < es:
             break
+        if width > max_width and width != es:
+            continue
         try:
-            return t.view(dt)
+            legal.append(t.view(dt))
         except RuntimeError:
             continue
-    raise AssertionError("unreachable: a same-width integer view always exists")  # pragma: no cover
+    if not legal:  # pragma: no cover - a same-width integer view always exists
+        raise AssertionError("unreachable: a same-width integer view always exists")
+    for v in legal:
+        if all(st % 16 == 0 or sz == 1 for st, sz in zip(v.stride()[:-1], v.shape[:-1])):
+            return v
+    return legal[0]
+
+
+#: Bytes of K (or V) one program moves per copy tile: 8 KiB over 4 warps is four 16-byte vectors per
+#: thread in flight, and keeps the tile's addresses and data within ~64 registers (the compile check
+#: holds copy kernels to <= 128 registers; 32 KiB tiles took 165-227).
+COPY_TILE_BYTES = 8192
+
+
+def copy_tile(n_tokens: int, dk: int, dv: int, elem_size: int) -> tuple[int, int, bool, int]:
+    """(tokens per tile, BLOCK_D, EVEN_D, num_warps) of a [tokens x D] raw-bits copy (compaction, append).
+
+    ``BLOCK_D`` covers a row in one step up to 256 bytes; when it does not divide the row, the largest
+    power of two dividing both row lengths is used instead if it still spans 16 bytes (``EVEN_D``: a
+    mask constant along d, so the compiler keeps 16-byte vectors), else the tail is masked. Triton
+    gives a thread fewer elements than a 16-byte vector when the tile has fewer than 16 bytes per
+    thread, so a small copy (a decode step's single token) gets one warp and a tile of at least
+    512 bytes (the extra tokens are masked off)."""
+    dmax = max(dk, dv, 1)
+    block_d = min(triton.next_power_of_2(dmax), max(1, 256 // elem_size))
+    even = dk % block_d == 0 and dv % block_d == 0
+    if not even:
+        g = math.gcd(dk, dv)
+        p = g & -g
+        if p * elem_size >= 16:
+            block_d, even = min(p, block_d), True
+    row_bytes = block_d * elem_size
+    block_t = max(1, min(triton.next_power_of_2(max(n_tokens, 1)), COPY_TILE_BYTES // row_bytes))
+    num_warps = 4 if block_t * row_bytes >= 4 * 32 * 16 else 1
+    block_t = max(block_t, triton.cdiv(num_warps * 32 * 16, row_bytes))
+    return block_t, block_d, even, num_warps
 
 
 if triton is not None:
@@ -221,20 +264,18 @@ def _compact_triton(k_pages, v_pages, page_table, lengths, kept_idx, pos_pages) 
     table = page_table.reshape(rows, page_table.shape[-1])
     kept = kept_idx.reshape(rows, K)
     lens = lengths.reshape(rows)
-    kp, vp = _wide_bits(k_pages), _wide_bits(v_pages)
+    kp, vp = wide_bits(k_pages), wide_bits(v_pages)
     dk, dv = kp.shape[-1], vp.shape[-1]
     pp = pos_pages if pos_pages is not None else lens
     spp = (pos_pages.stride(0), pos_pages.stride(1)) if pos_pages is not None else (0, 0)
-    block_d = min(triton.next_power_of_2(max(dk, dv)), 128)
-    # ~4K elements per copy tile: wide enough to keep loads in flight, small enough for registers.
-    block_k = max(16, min(128, 4096 // block_d))
+    block_k, block_d, even_d, num_warps = copy_tile(K, dk, dv, max(kp.element_size(), vp.element_size()))
     n_tiles = max(1, triton.cdiv(K, block_k))  # >= 1 so that tile 0 always writes the new length
     _compact_kernel[(rows, n_tiles)](
         kp, vp, pp, table, lens, kept,
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), spp[0], spp[1],
         table.stride(0), table.stride(1), kept.stride(0), kept.stride(1), K, dk, dv,
         PAGE_SIZE=page_size, BLOCK_K=block_k, BLOCK_D=block_d, LOG_K=int(K).bit_length(),
-        HAS_POS=pos_pages is not None, EVEN_D=(dk % block_d == 0 and dv % block_d == 0))
+        HAS_POS=pos_pages is not None, EVEN_D=even_d, num_warps=num_warps)
 
 
 @torch.library.custom_op("kvpress_kernels::compact_", mutates_args=("k_pages", "v_pages", "lengths", "pos_pages"))

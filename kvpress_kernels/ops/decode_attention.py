@@ -57,7 +57,8 @@ from typing import Optional
 import torch
 
 from .. import _validate as V
-from .._backend import resolve_backend, wants_data_checks
+from .._backend import resolve_backend, triton_interpret, wants_data_checks
+from ._tiles import gpu_tiles, sm_count
 
 try:
     import triton
@@ -67,6 +68,10 @@ except Exception:  # pragma: no cover - Triton missing (e.g. macOS): reference o
 
 _LOG2E = 1.4426950408889634
 _MAX_TRITON_HEAD_DIM = 256
+
+# Launch overrides for tests. "native_dot": True feeds fp16/bf16 tiles to tl.dot natively (the GPU path)
+# even in the interpreter, which computes fp16 correctly (bf16 it does not).
+_OVERRIDES: dict = {}
 
 
 def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -175,8 +180,11 @@ if triton is not None:
             s = s * qk_scale
             s = tl.where(j[None, :] < lim[:, None], s, float("-inf"))
             if WRITE_LOGITS:
+                # Slots up to the tile's end belong to this split (splits are whole tiles): writing
+                # the masked -inf there races with nobody, and a mask constant over 16 slots (max_len
+                # is a multiple of 16 for 16-token pages) keeps the stores 16 bytes wide.
                 tl.store(logits + (bh * GT + r)[:, None] * max_len + j[None, :], s,
-                         mask=r_ok[:, None] & j_ok[None, :])
+                         mask=r_ok[:, None] & (j < max_len)[None, :])
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing visible yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -252,23 +260,33 @@ if triton is not None:
             else:
                 lim = L + 0 * t
             lim = tl.where(r_ok, lim, 0)
-            # only visible (hence written) logits are read: the scratch is never initialised
             vis = j[None, :] < lim[:, None]
             lse_r = tl.load(lse + bh * GT + r, mask=r_ok, other=0.0)
             lse_r = tl.where(lse_r == float("-inf"), 0.0, lse_r)   # rows without keys: no -inf - -inf
-            s = tl.load(logits + (bh * GT + r)[:, None] * max_len + j[None, :], mask=vis, other=float("-inf"))
+            # The load is masked by the row and the capacity only (16-byte vectors: a per-row length
+            # mask broke them into 4-byte loads); slots no split wrote hold stale bits, and the
+            # visibility test below discards them (tl.where, so even a stale NaN never propagates).
+            s = tl.load(logits + (bh * GT + r)[:, None] * max_len + j[None, :],
+                        mask=r_ok[:, None] & (j < max_len)[None, :], other=float("-inf"))
             total += tl.sum(tl.where(vis, tl.exp2(s - lse_r[:, None]), 0.0), 0)
         tl.store(probs + bh * max_len + j, total, mask=j < max_len)
 
 
-def _blocks(G: int, T: int, D: int) -> tuple[int, int, int]:
-    # tl.dot wants every dimension >= 16 on GPUs; D is padded (and masked) to a power of two. Tiles are
-    # capped so that the fp32 path (the largest) stays near 100 KB of shared memory at D = 256 (sm_90
-    # AOT build: 103 KB for M=32, N=32, D=256); more than BLOCK_M query rows take more programs.
+def _blocks(G: int, T: int, D: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) of the split kernel; tl.dot wants every dimension >= 16.
+
+    Sized by the compile check (``kvpress-kernels compile-check``: no spills on sm_80 / sm_90). fp16/bf16
+    go to the tensor cores: up to 64 query rows x 64 keys at D <= 128 (8 warps once the fp32 accumulator
+    tile reaches 64 x 128, which spilled on sm_80 with 4), 32 x 32 at D = 256. fp32 runs the IEEE dot on
+    the FMA units, whose operand layouts replicate each tile across threads: 16 x 16 tiles (150-210
+    registers at D = 128-256), where the fp16 tiles spilled 12-60 KB. More than BLOCK_M query rows take
+    more programs."""
     block_d = max(16, triton.next_power_of_2(D))
+    if dtype == torch.float32:
+        return 16, 16, block_d, 4
     block_m = min(64 if block_d <= 128 else 32, max(16, triton.next_power_of_2(G * T)))
     block_n = 64 if block_d <= 128 else 32
-    return block_m, block_n, block_d
+    return block_m, block_n, block_d, (8 if block_m * block_d >= 64 * 128 else 4)
 
 
 def default_num_splits(max_len: int, rows: int, device: torch.device, block_n: int = 64) -> int:
@@ -276,8 +294,8 @@ def default_num_splits(max_len: int, rows: int, device: torch.device, block_n: i
     ``lengths``): enough ``(row, split)`` programs for about two waves on the GPU, but at least four
     ``block_n`` tiles per split so the partial-result traffic stays small next to K and V."""
     tiles = max(1, -(-max_len // block_n))
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if gpu_tiles(device):
+        sms = sm_count(device)
     else:
         sms = 1  # the interpreter runs programs one after another: splitting only costs
     want = max(1, -(-2 * sms // max(1, rows)))
@@ -300,7 +318,7 @@ def _paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, sca
         # nothing to attend to (or nobody asking): fixed-size zero outputs, no launch
         return out.zero_(), probs.zero_()
     rows, GT = B * Hkv, G * T
-    block_m, block_n, block_d = _blocks(G, T, D)
+    block_m, block_n, block_d, num_warps = _blocks(G, T, D, q.dtype)
     tiles = triton.cdiv(max_len, block_n)
     splits = min(max(1, num_splits), tiles)
     split_len = triton.cdiv(tiles, splits) * block_n   # whole tiles, so no tile straddles two splits
@@ -311,21 +329,21 @@ def _paged_decode_attention_triton(q, k_pages, v_pages, page_table, lengths, sca
     mid_acc = torch.empty(rows, splits, GT, D, dtype=torch.float32, device=dev)
     logits = torch.empty(rows, GT, max_len, dtype=torch.float32, device=dev) if return_probs else mid_m
     lse = torch.empty(rows, GT, dtype=torch.float32, device=dev) if return_probs else mid_m
-    native = dev.type == "cuda" and q.dtype != torch.float32
+    native = _OVERRIDES.get("native_dot", gpu_tiles(dev) and not triton_interpret()) and q.dtype != torch.float32
     _decode_split_kernel[(rows, splits, m_blocks)](
         q, k_pages, v_pages, page_table, lengths, mid_m, mid_l, mid_acc, logits,
         q.stride(0), q.stride(1), q.stride(2), k_pages.stride(0), k_pages.stride(1),
         v_pages.stride(0), v_pages.stride(1), page_table.stride(0), page_table.stride(1), page_table.stride(2),
         lengths.stride(0), lengths.stride(1), Hkv, G, T, D, max_len, split_len, splits, scale * _LOG2E,
         PAGE_SIZE=page_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, CAUSAL=causal,
-        WRITE_LOGITS=return_probs, NATIVE_DOT=native)
+        WRITE_LOGITS=return_probs, NATIVE_DOT=native, num_warps=num_warps)
     _decode_reduce_kernel[(rows, m_blocks)](
         mid_m, mid_l, mid_acc, out, lse, out.stride(0), out.stride(1), out.stride(2), Hkv, G, T, D, splits,
         BLOCK_M=block_m, BLOCK_D=block_d, WRITE_LSE=return_probs)
     if return_probs:
         _decode_probs_kernel[(rows, triton.cdiv(max_len, 128))](
             logits, lse, lengths, probs, lengths.stride(0), lengths.stride(1), Hkv, G, T, max_len,
-            CAUSAL=causal, BLOCK_M=min(block_m, 32), BLOCK_N=128)
+            CAUSAL=causal, BLOCK_M=min(block_m, 32), BLOCK_N=128, num_warps=4)
     return out, probs
 
 
@@ -431,7 +449,7 @@ def paged_decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torc
         raise ValueError(f"q's head_dim {D} exceeds the Triton kernel's limit {_MAX_TRITON_HEAD_DIM}; "
                          "use backend='reference'")
     if num_splits is None:
-        block_n = _blocks(Hq // Hkv, T, D)[1] if triton is not None else 64
+        block_n = _blocks(Hq // Hkv, T, D, q.dtype)[1] if triton is not None else 64
         num_splits = default_num_splits(max_len, B * Hkv, dev, block_n)
     else:
         num_splits = V.integer("num_splits", num_splits, low=1)

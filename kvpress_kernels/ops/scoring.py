@@ -65,7 +65,6 @@ one memory-bound ``vector_norm`` is already at bandwidth and needs no kernel of 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -73,6 +72,7 @@ import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import resolve_backend, triton_interpret, wants_data_checks
+from ._tiles import gpu_tiles, sm_count
 
 try:
     import triton
@@ -87,7 +87,8 @@ POOLS = ("avg", "max")
 _REF_CHUNK_ELEMS = 1 << 24
 
 # Launch-configuration overrides, for tests that want several tiles / splits on tiny inputs.
-# Keys: "block_n", "block_m", "split_n".
+# Keys: "block_n", "block_m", "split_n", and "native_dot" (True: fp16/bf16 operands go to tl.dot as on a
+# GPU, even in the interpreter, where fp16 is computed correctly; only bf16 is not).
 _OVERRIDES: dict = {}
 
 _LOG2E = 1.4426950408889634
@@ -512,31 +513,34 @@ if triton is not None:
         tl.store(dst + row * n + j, res, mask=jmask)
 
 
-@lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _blocks(q: torch.Tensor, W: int, G: int, D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M for pass 2, BLOCK_M for pass 1, BLOCK_N, BLOCK_D). tl.dot needs every dim >= 16."""
+def _blocks(q: torch.Tensor, W: int, G: int, D: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M for pass 2, BLOCK_M for pass 1, BLOCK_N, BLOCK_D, num_warps). tl.dot needs every dim >= 16."""
     block_d = max(16, triton.next_power_of_2(D))
-    if q.device.type == "cuda":
+    if gpu_tiles(q.device) and q.dtype == torch.float32:
+        # fp32 runs the IEEE dot on the FMA units, whose operand layouts replicate each tile across
+        # threads: the compile check found 5-13 KB of spills at 64 x 32 (D = 128) and, on sm_90, still
+        # some in pass 1 at 16 x 32; 16 x 16 tiles compile without spills up to D = 256.
+        cap_m, block_n = 16, 16
+    elif gpu_tiles(q.device):
         # A 64-key tile of 128 fp16 dims is 16 KiB of registers per program; halve it for wider rows
-        # (fp32 operands, or D > 128) so tiles + logits stay in registers without spilling.
+        # (D > 128) so tiles + logits stay in registers without spilling.
         cap_m, block_n = 64, (64 if D * q.element_size() <= 256 else 32)
     else:  # interpreter: small tiles so that awkward sizes span several of them
         cap_m, block_n = 32, 32
     block_m = _OVERRIDES.get("block_m") or max(16, min(cap_m, triton.next_power_of_2(max(W, 1))))
     block_m1 = _OVERRIDES.get("block_m") or max(16, min(cap_m, triton.next_power_of_2(max(G * W, 1))))
     block_n = _OVERRIDES.get("block_n") or block_n
-    return block_m, block_m1, block_n, block_d
+    # fp32: 8 warps (with 4, pass 2 spilled 4-8 bytes in some variants on sm_80 / sm_90, D = 64-256).
+    warps = 8 if gpu_tiles(q.device) and q.dtype == torch.float32 else 4
+    return block_m, block_m1, block_n, block_d, warps
 
 
 def _kernel_flags(q: torch.Tensor) -> dict:
     # In the interpreter bf16/fp16 arithmetic is emulated wrongly: compute in fp32 there. On a GPU,
     # fp16/bf16 operands go to tl.dot as they are (products exact in the fp32 accumulator); fp32
     # operands use "ieee" so that TF32 truncation does not perturb the logits.
-    upcast = q.device.type != "cuda" or triton_interpret()
+    native = _OVERRIDES.get("native_dot")  # tests run the GPU's native fp16 dot in the interpreter
+    upcast = (not gpu_tiles(q.device) or triton_interpret()) if native is None else not native
     fp32_dot = upcast or q.dtype == torch.float32
     return dict(UPCAST=upcast, DOT_PREC="ieee" if fp32_dot else "tf32")
 
@@ -556,15 +560,15 @@ def _lse_triton(q, k, page_table, lens, n_keys: int, scale: float, causal: bool)
     G = Hq // Hkv
     if B * Hq * W == 0:
         return torch.empty(B, Hq, W, dtype=torch.float32, device=q.device)
-    block_m, block_m1, block_n, block_d = _blocks(q, W, G, D)
+    block_m, block_m1, block_n, block_d, num_warps = _blocks(q, W, G, D)
     row_blocks = triton.cdiv(G * W, block_m1)
     n_tiles = max(1, triton.cdiv(n_keys, block_n))
     split_n = _OVERRIDES.get("split_n")
     if split_n is None:
         splits = 1
-        if q.device.type == "cuda":
+        if gpu_tiles(q.device):
             # Enough programs for ~4 waves over the SMs, each split at least 4 tiles long.
-            want = triton.cdiv(4 * _sm_count(q.device.index or 0), B * Hkv * row_blocks)
+            want = triton.cdiv(4 * sm_count(q.device), B * Hkv * row_blocks)
             splits = max(1, min(want, triton.cdiv(n_tiles, 4)))
         split_n = triton.cdiv(n_tiles, splits) * block_n
     splits = max(1, triton.cdiv(n_keys, split_n))
@@ -575,7 +579,7 @@ def _lse_triton(q, k, page_table, lens, n_keys: int, scale: float, causal: bool)
         q.stride(0), q.stride(1), q.stride(2), sk_0, sk_1, sk_n, st_b, st_h, st_p, lens.stride(0), lens.stride(1),
         Hkv, G, W, D, split_n, splits, scale * _LOG2E,
         PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, BLOCK_M=block_m1, BLOCK_N=block_n, BLOCK_D=block_d,
-        **_kernel_flags(q))
+        num_warps=num_warps, **_kernel_flags(q))
     lse = part[:, 0] if splits == 1 else torch.logsumexp(part, dim=1)
     return lse.view(B, Hq, W)
 
@@ -602,7 +606,7 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
         out_scale = 1.0 / G if head_reduce == "group_mean" else 1.0
     out = torch.empty(B, h_out, n_out, dtype=torch.float32, device=dev)
     if out.numel():
-        block_m, _, block_n, block_d = _blocks(q, W, G, D)
+        block_m, _, block_n, block_d, num_warps = _blocks(q, W, G, D)
         kk, table, sk_0, sk_1, sk_n, st_b, st_h, st_p, paged, page_size = _k_args(k, page_table)
         _mass_kernel[(triton.cdiv(n_out, block_n), B * Hkv)](
             q, kk, table, lens, lse, out,
@@ -610,7 +614,9 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
             lens.stride(0), lens.stride(1), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
             Hkv, G, W, D, n_out, scale * _LOG2E, out_scale,
             PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, REDUCE=reduce_code,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, **_kernel_flags(q))
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
+            # fp32: no software pipelining of the query loads (its buffers spilled 4 B at D = 256, sm_90)
+            num_stages=1 if q.dtype == torch.float32 and gpu_tiles(q.device) else 3, **_kernel_flags(q))
     if head_reduce.startswith("all"):
         out = out.amax(dim=1) if head_reduce == "all_max" else out.sum(dim=1)
         if head_reduce == "all_mean":
@@ -628,10 +634,12 @@ def _pool_triton(scores: torch.Tensor, row_lens: torch.Tensor, pool: str, pool_s
     src = scores.reshape(-1, n)
     dst = torch.empty_like(src)
     if src.numel():
-        block = 128 if scores.device.type == "cuda" else 64
+        # 512 positions over 4 warps: four fp32 per thread, so the stores (and the unshifted load) are
+        # 16-byte vectors (128 over 4 warps gave one 4-byte store per thread).
+        block, warps = (512, 4) if gpu_tiles(scores.device) else (64, 1)
         _pool_kernel[(triton.cdiv(n, block), src.shape[0])](
             src, dst, row_lens.reshape(-1), n, -1 if pool_end is None else pool_end, pool_size,
-            IS_MAX=pool == "max", HAS_END=pool_end is not None, BLOCK=block)
+            IS_MAX=pool == "max", HAS_END=pool_end is not None, BLOCK=block, num_warps=warps)
     return dst.view(scores.shape)
 
 

@@ -163,14 +163,18 @@ if triton is not None:
         return tl.where((b & 0x7FFFFFFF) > 0x7F800000, -2147483647 - 1, k)
 
     @triton.jit
-    def _row_tile(scores, protect, row, j, L, sink, recent, stride_x_row, stride_p_row, HAS_PROTECT: tl.constexpr):
+    def _row_tile(scores, protect, row, j, L, N, sink, recent, stride_x_row, stride_p_row,
+                  HAS_PROTECT: tl.constexpr):
         valid = j < L
         prot = valid & ((j < sink) | (j >= L - recent))
+        # Loads are masked by the row's capacity N, not its length L: a per-row length mask breaks the
+        # 16-byte vectors (the H2O path passes lengths); what lies in [L, N) is read and ignored.
+        inb = j < N
         if HAS_PROTECT:
-            p = tl.load(protect + row * stride_p_row + j, mask=valid, other=0)
+            p = tl.load(protect + row * stride_p_row + j, mask=inb, other=0)
             prot = prot | (valid & (p != 0))
         cand = valid & ~prot
-        x = tl.load(scores + row * stride_x_row + j, mask=valid, other=0.0).to(tl.float32)
+        x = tl.load(scores + row * stride_x_row + j, mask=inb, other=0.0).to(tl.float32)
         return prot, cand, _order_key(x)
 
     @triton.jit
@@ -203,7 +207,7 @@ if triton is not None:
         n_prot = tl.zeros((), tl.int32)
         for j0 in range(0, L, BLOCK):
             j = j0 + offs
-            prot, cand, key = _row_tile(scores, protect, row, j, L, sink, recent, stride_x_row, stride_p_row,
+            prot, cand, key = _row_tile(scores, protect, row, j, L, N, sink, recent, stride_x_row, stride_p_row,
                                         HAS_PROTECT)
             digit = 255 - (((key >> 24) & 0xFF) ^ 0x80)
             n_c = tl.sum(cand.to(tl.int32), 0)
@@ -221,7 +225,7 @@ if triton is not None:
                 hist = tl.zeros((256,), tl.int32)
                 for j0 in range(0, L, BLOCK):
                     j = j0 + offs
-                    prot, cand, key = _row_tile(scores, protect, row, j, L, sink, recent, stride_x_row,
+                    prot, cand, key = _row_tile(scores, protect, row, j, L, N, sink, recent, stride_x_row,
                                                 stride_p_row, HAS_PROTECT)
                     cand = cand & ((key & (-(1 << (32 - 8 * p)))) == top)
                     digit = 255 - ((key >> (24 - 8 * p)) & 0xFF)
@@ -238,7 +242,7 @@ if triton is not None:
         n_keep = tl.zeros((), tl.int32)
         for j0 in range(0, N, BLOCK):
             j = j0 + offs
-            prot, cand, key = _row_tile(scores, protect, row, j, L, sink, recent, stride_x_row, stride_p_row,
+            prot, cand, key = _row_tile(scores, protect, row, j, L, N, sink, recent, stride_x_row, stride_p_row,
                                         HAS_PROTECT)
             eq = (cand & (key == thr)).to(tl.int32)
             eq_rank = n_eq + tl.cumsum(eq, 0) - eq
@@ -305,6 +309,13 @@ if triton is not None:
             tl.store(seg_keep + row * stride_k_row + idx, keep.to(tl.int8), mask=cand)
 
 
+def _topk_warps(block: int, elem_size: int) -> int:
+    """Warps for a BLOCK-wide row tile. Fewer warps would give each thread 16 bytes of scores (wider
+    loads), but the compile check found spills with 2 warps at BLOCK = 256 and with 4 at BLOCK = 512
+    (sm_80, Triton 3.6)."""
+    return 4 if block <= 256 else 8
+
+
 def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
     R, N = scores.shape
     dev = scores.device
@@ -327,7 +338,7 @@ def _select_topk_triton(scores, budgets, lengths, sink, recent, protect, K):
         keep.view(torch.int8), kept_idx, N, K, min(sink, N), min(recent, N + 1),
         x.stride(0), prot.stride(0) if prot is not None else 0, keep.stride(0), kept_idx.stride(0),
         HAS_LENGTHS=lengths is not None, HAS_PROTECT=prot is not None, BLOCK=block,
-        num_warps=4 if block <= 512 else 8)
+        num_warps=_topk_warps(block, x.element_size()))
     return keep, kept_idx
 
 
