@@ -102,6 +102,9 @@ ROLES = {
     "_segment_reduce_kernel": Role(data=("scores", "out"), memory_bound=True),
     "_select_topk_kernel": Role(data=("scores", "keep_mask"), memory_bound=True),
     "_select_segments_kernel": Role(data=("order", "sizes"), memory_bound=True),
+    "_head_budget_kernel": Role(data=("scores", "keep_mask"), memory_bound=True),
+    "_block_compact_kernel": Role(kv=("k_cache", "v_cache"), memory_bound=True),
+    "_block_gather_kernel": Role(kv=("k_cache", "v_cache"), memory_bound=True),
 }
 
 
@@ -125,7 +128,9 @@ def _paged(dtype, D, rows=(2, 2), page_size=16, max_pages=8, num_pages=None):
 
 def _cases() -> list[Case]:
     from .ops import append as A
+    from .ops import block_compaction as BC
     from .ops import compaction as C
+    from .ops import head_budget as HB
     from .ops import decode_attention as DA
     from .ops import scoring as S
     from .ops import segments as SG
@@ -229,6 +234,35 @@ def _cases() -> list[Case]:
             prot = torch.zeros(4, N, dtype=torch.bool) if protect else None
             SL._select_topk_triton(x, bud, lens, 4, 16, prot, N // 2)
         add("selection", f"topk N={N} lengths={int(lengths)} protect={int(protect)}", dt, None, run)
+    # AdaKV head-budget selection: every tile width (256 / 512 / 1024) and the flags, 8 kv heads.
+    for N, lengths, protect in itertools.product((200, 512, 1000), (True, False), (True, False)):
+        if N != 512 and not (lengths and protect):
+            continue
+        def run(N=N, lengths=lengths, protect=protect):
+            H = 8
+            x = torch.zeros(2, H, N)
+            bud = torch.full((2,), H * N // 2, dtype=torch.int32)
+            floor = torch.full((2,), N // 10, dtype=torch.int32)
+            lens = torch.full((2, H), N, dtype=torch.int32) if lengths else None
+            prot = torch.zeros(2, H, N, dtype=torch.bool) if protect else None
+            HB._select_head_budget_triton(x, bud, floor, lens, 4, 16, prot, N)
+        add("head_budget", f"N={N} lengths={int(lengths)} protect={int(protect)}", "fp32", None, run)
+    # Engine-layout (vLLM blocks spanning all kv heads) compaction and gather: every dtype / head dim, the
+    # NHD view of vLLM's FlashAttention [2, nb, bs, H, D] cache and its HND permutation, short / long K.
+    for (dt, dtype), D, hnd, K in itertools.product(DTYPES.items(), HEAD_DIMS, (False, True), (3, 3000)):
+        if D != 128 and (hnd or K == 3):
+            continue
+        def run(dtype=dtype, D=D, hnd=hnd, K=K):
+            H, bs = 8, 16
+            nb = -(-2 * K // bs) * 2
+            kv = torch.zeros(2, nb, H, bs, D, dtype=dtype).transpose(2, 3) if hnd else \
+                torch.zeros(2, nb, bs, H, D, dtype=dtype)
+            table = torch.arange(nb // 2, dtype=torch.int32)
+            kept = torch.arange(K, dtype=torch.int32).view(1, K).expand(H, K)
+            BC._block_compact_triton(kv[0], kv[1], table, kept, 2 * K)
+            dst = torch.arange(nb // 2, nb, dtype=torch.int32)
+            BC._block_gather_triton(kv[0], kv[1], table, dst, kept)
+        add("block_compaction", f"K={K} {'HND' if hnd else 'NHD'}", dt, D, run)
     for S_, protect, policy in itertools.product((12, 3000), (False, True), ("skip", "stop")):
         def run(S_=S_, protect=protect, policy=policy):
             sc = torch.zeros(4, S_)
