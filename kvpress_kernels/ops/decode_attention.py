@@ -75,7 +75,15 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
                                num_splits: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Reference paged decode attention (plain PyTorch, any device, fp32 math). Same contract as
     :func:`paged_decode_attention`, no input checks; ``num_splits`` is accepted and ignored (the
-    reference does not split). Materialises each row's dense K/V, ``[B, Hkv, max_len, D]`` fp32."""
+    reference does not split).
+
+    It gathers each row's pages whole (one ``index_select`` of ``page_size * D`` blocks per pool, not a
+    per-slot gather) into a dense ``[B, Hkv, S, D]`` copy, ``S`` = the pages that hold tokens times
+    ``page_size``: on CPU ``S`` comes from ``lengths`` (reading it costs nothing there), elsewhere it is
+    the whole table (no host sync). Softmax runs in place on the one ``[B, Hkv, G*T, S]`` logits buffer.
+    This is the decode step of the CPU path, once per layer per token, so it avoids every temporary it
+    can (the transformers integration's decode cost is mostly this function on CPU).
+    """
     B, Hq, T, D = q.shape
     Hkv, max_pages = page_table.shape[1], page_table.shape[2]
     G = Hq // Hkv
@@ -83,32 +91,45 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     max_len = max_pages * page_size
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
-    probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev) if return_probs else None
     if num_pages == 0 or max_len == 0 or q.numel() == 0:
         # lengths must be 0 then (nothing can be stored): every query sees no key
+        probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev) if return_probs else None
         return torch.zeros_like(q), probs
-    j = torch.arange(max_len, device=dev)
     lens = lengths.to(device=dev, dtype=torch.long)
-    live = j < lens.unsqueeze(-1)                                              # [B, Hkv, N]
-    pages = torch.where(live, page_table.long()[:, :, j // page_size], 0)      # unused entries may be garbage
-    offs = (j % page_size).expand_as(pages)
-    # zero the dead slots: they may hold anything (inf/NaN from a freed page) and 0 * NaN = NaN
-    k = torch.where(live.unsqueeze(-1), k_pages[pages, offs].float(), 0.0)     # [B, Hkv, N, D]
-    v = torch.where(live.unsqueeze(-1), v_pages[pages, offs].float(), 0.0)
-    qf = q.float().reshape(B, Hkv, G * T, D)                                   # row r = g*T + t
-    s = torch.matmul(qf, k.transpose(-1, -2)) * scale                         # [B, Hkv, G*T, N]
-    t = torch.arange(T, device=dev).repeat(G)
-    lim = lens.unsqueeze(-1) - (T - 1 - t) if causal else lens.unsqueeze(-1).expand(B, Hkv, G * T)
-    vis = j < lim.unsqueeze(-1)
-    s = s.masked_fill(~vis, float("-inf"))
+    n_pages = max_pages
+    if dev.type == "cpu" and not torch.compiler.is_compiling() and lens.numel():
+        n_pages = max(1, min(max_pages, -(-int(lens.max()) // page_size)))
+    S = n_pages * page_size
+    # entries past a row's used pages may be anything (-1, stale ids): clamp them to a valid page, the
+    # slots they give are masked below
+    pages = page_table[:, :, :n_pages].reshape(-1).long().clamp_(0, num_pages - 1)
+    k = k_pages.index_select(0, pages).view(B, Hkv, S, D)
+    v = v_pages.index_select(0, pages).view(B, Hkv, S, D)
+    k, v = k.float(), v.float()
+    j = torch.arange(S, device=dev)
+    live = j < lens.unsqueeze(-1)                                              # [B, Hkv, S]
+    # zero the dead slots of V: they may hold anything (inf/NaN from a freed page) and 0 * NaN = NaN
+    # (only from the shortest row's length on: before it every slot is live)
+    lmin = min(S, int(lens.min())) if n_pages < max_pages or dev.type == "cpu" and lens.numel() else 0
+    v[:, :, lmin:].masked_fill_(~live[:, :, lmin:].unsqueeze(-1), 0.0)
+    qf = (q.float() * scale).reshape(B, Hkv, G * T, D)                         # row r = g*T + t
+    s = torch.matmul(qf, k.transpose(-1, -2))                                  # [B, Hkv, G*T, S]
+    if causal and T > 1:
+        t = torch.arange(T, device=dev).repeat(G)
+        vis = j < (lens.unsqueeze(-1) - (T - 1 - t)).unsqueeze(-1)             # [B, Hkv, G*T, S]
+    else:
+        vis = live.unsqueeze(2)                                                # [B, Hkv, 1, S]
+    s.masked_fill_(~vis, float("-inf"))
     m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                # empty row: exp(-inf - 0) = 0
-    e = torch.exp(s - m)
-    denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    m.masked_fill_(~torch.isfinite(m), 0.0)                                    # empty row: exp(-inf - 0) = 0
+    p = s.sub_(m).exp_()
+    denom = p.sum(-1, keepdim=True)
+    p.div_(denom.masked_fill_(denom == 0, 1.0))
     out = torch.matmul(p, v).reshape(B, Hq, T, D).to(q.dtype)
+    probs = None
     if return_probs:
-        probs = p.sum(-2)
+        probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev)
+        probs[:, :, :S] = p.sum(-2)
     return out, probs
 
 
