@@ -41,7 +41,7 @@ import torch
 
 from . import _validate as V
 from ._backend import debug_checks, resolve_backend, wants_data_checks
-from .ops.append import append_
+from .ops.append import append_, append_ref
 from .ops.compaction import compact_
 
 IntsLike = Union[int, Sequence[int], np.ndarray, torch.Tensor]
@@ -422,14 +422,15 @@ class PagedKVCache:
             append_(self.k_pages, self.v_pages, table, lengths, k, v, counts=counts_dev,
                     pos_pages=self.pos_pages, pos_new=pos_new, backend=self.backend)
         else:
-            torch.ops.kvpress_kernels.append_(self.k_pages, self.v_pages, table, lengths, k, v, counts_dev,
-                                              self.pos_pages, pos_new, self._backend_of("append"))
+            b = resolve_backend("append", self.backend, self.device, has=("reference", "triton"))
+            if b == "reference":    # the custom-op dispatch costs more than a decode step's copy on CPU
+                append_ref(self.k_pages, self.v_pages, table, lengths, k, v, counts_dev, self.pos_pages, pos_new)
+            else:
+                torch.ops.kvpress_kernels.append_(self.k_pages, self.v_pages, table, lengths, k, v, counts_dev,
+                                                  self.pos_pages, pos_new, b)
         self._len_h[layer] += cnt
         self._seen_h[layer] += seen_cnt
         self._debug_check()
-
-    def _backend_of(self, op: str) -> str:
-        return resolve_backend(op, self.backend, self.device, has=("reference", "triton"))
 
     def compact(self, layer: int, kept_idx: torch.Tensor, *, new_lengths: Optional[IntsLike] = None) -> None:
         """Keep only the slots listed in ``kept_idx`` in each row of ``layer``, then free tail pages.

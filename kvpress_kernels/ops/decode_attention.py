@@ -55,6 +55,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
@@ -80,9 +81,10 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     It gathers each row's pages whole (one ``index_select`` of ``page_size * D`` blocks per pool, not a
     per-slot gather) into a dense ``[B, Hkv, S, D]`` copy, ``S`` = the pages that hold tokens times
     ``page_size``: on CPU ``S`` comes from ``lengths`` (reading it costs nothing there), elsewhere it is
-    the whole table (no host sync). Softmax runs in place on the one ``[B, Hkv, G*T, S]`` logits buffer.
-    This is the decode step of the CPU path, once per layer per token, so it avoids every temporary it
-    can (the transformers integration's decode cost is mostly this function on CPU).
+    the whole table (no host sync). Without ``return_probs``, on CPU, when every query sees a key, the
+    attention itself is torch's fused ``scaled_dot_product_attention`` (masked only where rows are
+    shorter than ``S``); otherwise an explicit softmax, in place on one ``[B, Hkv, G*T, S]`` buffer.
+    This is the decode step of the CPU path (once per layer per token), hence the care.
     """
     B, Hq, T, D = q.shape
     Hkv, max_pages = page_table.shape[1], page_table.shape[2]
@@ -97,31 +99,40 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
         return torch.zeros_like(q), probs
     lens = lengths.to(device=dev, dtype=torch.long)
     n_pages = max_pages
-    if dev.type == "cpu" and not torch.compiler.is_compiling() and lens.numel():
+    on_host = dev.type == "cpu" and not torch.compiler.is_compiling() and lens.numel() > 0
+    if on_host:
         n_pages = max(1, min(max_pages, -(-int(lens.max()) // page_size)))
     S = n_pages * page_size
     # entries past a row's used pages may be anything (-1, stale ids): clamp them to a valid page, the
     # slots they give are masked below
     pages = page_table[:, :, :n_pages].reshape(-1).long().clamp_(0, num_pages - 1)
-    k = k_pages.index_select(0, pages).view(B, Hkv, S, D)
-    v = v_pages.index_select(0, pages).view(B, Hkv, S, D)
-    k, v = k.float(), v.float()
+    k = k_pages.index_select(0, pages).view(B, Hkv, S, D).float()
+    v = v_pages.index_select(0, pages).view(B, Hkv, S, D).float()
     j = torch.arange(S, device=dev)
     live = j < lens.unsqueeze(-1)                                              # [B, Hkv, S]
-    # zero the dead slots of V: they may hold anything (inf/NaN from a freed page) and 0 * NaN = NaN
-    # (only from the shortest row's length on: before it every slot is live)
-    lmin = min(S, int(lens.min())) if n_pages < max_pages or dev.type == "cpu" and lens.numel() else 0
-    v[:, :, lmin:].masked_fill_(~live[:, :, lmin:].unsqueeze(-1), 0.0)
-    qf = (q.float() * scale).reshape(B, Hkv, G * T, D)                         # row r = g*T + t
-    s = torch.matmul(qf, k.transpose(-1, -2))                                  # [B, Hkv, G*T, S]
+    # Zero the dead slots of K and V: they may hold anything (inf/NaN from a freed page) and
+    # 0 * NaN = NaN. Before the shortest row's length every slot is live, so only the tail is touched.
+    l_min = min(S, int(lens.min())) if on_host else 0
+    dead = ~live[:, :, l_min:].unsqueeze(-1)
+    k[:, :, l_min:].masked_fill_(dead, 0.0)
+    v[:, :, l_min:].masked_fill_(dead, 0.0)
+    qf = q.float().reshape(B, Hkv, G * T, D)                                   # row r = g*T + t
     if causal and T > 1:
         t = torch.arange(T, device=dev).repeat(G)
         vis = j < (lens.unsqueeze(-1) - (T - 1 - t)).unsqueeze(-1)             # [B, Hkv, G*T, S]
     else:
         vis = live.unsqueeze(2)                                                # [B, Hkv, 1, S]
+    if not return_probs and on_host and l_min > 0 and (T == 1 or not causal or l_min >= T):
+        # Every query sees a key: torch's fused CPU attention (one kernel) is exact enough for the
+        # reference and much cheaper than the ten ops below at decode sizes. No mask when every row
+        # holds exactly S tokens.
+        mask = None if l_min == S and (T == 1 or not causal) else vis
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, Hq, T, D).to(q.dtype), None
+    s = torch.matmul(qf * scale, k.transpose(-1, -2))                          # [B, Hkv, G*T, S]
     s.masked_fill_(~vis, float("-inf"))
     m = s.amax(-1, keepdim=True)
-    m.masked_fill_(~torch.isfinite(m), 0.0)                                    # empty row: exp(-inf - 0) = 0
+    m.clamp_(min=-3e38)                                           # empty row (-inf): exp(-inf + 3e38) = 0
     p = s.sub_(m).exp_()
     denom = p.sum(-1, keepdim=True)
     p.div_(denom.masked_fill_(denom == 0, 1.0))
