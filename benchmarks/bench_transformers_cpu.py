@@ -92,7 +92,8 @@ def _method(name: str):
     return build_method(name, KEEP)
 
 
-def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int, threads: int) -> dict:
+def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int, threads: int,
+            warmup_max: int = 1024) -> dict:
     import torch
     torch.set_num_threads(threads)
     import kvpress_kernels
@@ -139,7 +140,7 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
                 _, st = paged(None if method_name is None else _method(method_name), 1)
                 return st
         with torch.no_grad():
-            if n <= 1024:
+            if n <= warmup_max:
                 call()                    # warm-up (at 4k tokens a call is long enough to need none)
             best, best_st, peak = None, {}, 0
             for _ in range(repeat):
@@ -161,7 +162,8 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
     else:
         fn = stock_generate if name == "stock" else (lambda new: paged(None, new))
         with torch.no_grad():
-            fn(1)
+            if warmup_max:
+                fn(1)
             t1 = t2 = float("inf")
             for _ in range(repeat):                   # interleaved, best of each
                 t0 = time.perf_counter(); fn(1); t1 = min(t1, time.perf_counter() - t0)
@@ -183,11 +185,17 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-kvpress", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--warmup-max", type=int, default=1024,
+                    help="one untimed warm-up call up to this many tokens (0: none)")
+    ap.add_argument("--codes", nargs="+", metavar="LABEL=PATH",
+                    help="run every configuration once per checkout (PYTHONPATH=PATH), interleaved, so that "
+                         "before/after rows see the same machine load; default: the importable package")
     ap.add_argument("--out", default="results/transformers_cpu")
     ap.add_argument("--one", nargs=3, metavar=("KIND", "NAME", "TOKENS"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.one:
-        print(json.dumps(run_one(a.one[0], a.one[1], int(a.one[2]), a.repeat, a.decode_tokens, a.threads)))
+        print(json.dumps(run_one(a.one[0], a.one[1], int(a.one[2]), a.repeat, a.decode_tokens, a.threads,
+                                 a.warmup_max)))
         return 0
     jobs = []
     for n in a.tokens:
@@ -199,22 +207,30 @@ def main(argv=None) -> int:
         jobs += [("decode", "stock", a.decode_prompt), ("decode", "paged", a.decode_prompt)]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    label = os.environ.get("BENCH_CODE_LABEL", "")
-    path = out / f"transformers_cpu{'_' + label if label else ''}.json"
+    codes = [c.split("=", 1) for c in a.codes] if a.codes else [[os.environ.get("BENCH_CODE_LABEL", ""), None]]
+    path = out / "transformers_cpu.json"
     rows = []
     with open("/proc/loadavg") as f:
         load0 = f.read().split()[:3]
     for kind, name, n in jobs:
-        cmd = [sys.executable, __file__, "--one", kind, name, str(n), "--repeat", str(a.repeat),
-               "--decode-tokens", str(a.decode_tokens), "--threads", str(a.threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            row = {"kind": kind, "config": name, "tokens": n, "error": res.stderr.strip().splitlines()[-1:]}
-        else:
-            row = json.loads(res.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        path.write_text(json.dumps({"load_average_at_start": load0, "rows": rows}, indent=1))
+        for label, code_path in codes:
+            env = dict(os.environ, BENCH_CODE_LABEL=label)
+            if code_path is not None:
+                env["PYTHONPATH"] = code_path
+            cmd = [sys.executable, __file__, "--one", kind, name, str(n), "--repeat", str(a.repeat),
+                   "--decode-tokens", str(a.decode_tokens), "--threads", str(a.threads),
+                   "--warmup-max", str(a.warmup_max)]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if res.returncode != 0:
+                row = {"kind": kind, "config": name, "tokens": n, "code": label,
+                       "error": res.stderr.strip().splitlines()[-1:]}
+            else:
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+            with open("/proc/loadavg") as f:
+                row["load_average"] = float(f.read().split()[0])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            path.write_text(json.dumps({"load_average_at_start": load0, "rows": rows}, indent=1))
     with open("/proc/loadavg") as f:
         load1 = f.read().split()[:3]
     path.write_text(json.dumps({"load_average_at_start": load0, "load_average_at_end": load1, "rows": rows}, indent=1))

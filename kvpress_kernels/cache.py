@@ -28,6 +28,14 @@ Compaction moves tokens with :func:`kvpress_kernels.ops.compaction.compact_` and
 row's tail pages (beyond ``ceil(new_length / page_size)``) to the pool. After compaction a slot's
 token is not in position order (see the op); ``pos_pages`` keeps each token's original position.
 
+Storing only what a prefill keeps: :meth:`PagedKVCache.append_kept` appends the tokens an eviction
+selects from dense K/V (a method scored them first), with their token index as position — cheaper
+than appending the whole prompt and compacting it, and the pool never holds the full prompt.
+
+The cache owns its page table and lengths, so it calls the append op without the launcher's value
+checks (which read both back on every call) except in debug mode (``KVPRESS_KERNELS_DEBUG=1``),
+where :meth:`check_invariants` also runs after every change.
+
 Positions: by default, tokens appended to a row get consecutive positions counting every token ever
 appended to that row (``seen_tokens``), evicted or not — the RoPE position of the token.
 """

@@ -10,13 +10,18 @@ How a generation runs, per layer (``with compress(model, method) as session: mod
 
 1. *Prefill* (the layer's first call): ``PagedCache.update`` hands the dense prompt K/V back unchanged
    and the attention function computes attention with torch SDPA, exactly as transformers' ``sdpa``
-   implementation does. Then the prompt's tokens — padding removed, see below — are appended to the
-   paged cache, the method picks what each (sequence, kv head) keeps from the layer's queries, keys
-   and values, and :meth:`PagedKVCache.compact` moves the kept tokens together and returns the freed
-   pages to the pool, before the next layer runs.
+   implementation does. Then the method picks what each (sequence, kv head) keeps from the layer's
+   queries, keys and values (views of transformers' tensors, padding removed, see below), and only the
+   kept tokens are appended to the paged cache (:meth:`PagedKVCache.append_kept`, one gather and one
+   append per layer) — the full prompt is never stored, so no compaction runs and no layer ever
+   holds more pages than it keeps. Without a method every real token is appended.
 2. *Decoding*: ``update`` appends the new token's K/V to the paged cache; the attention function runs
-   :func:`~kvpress_kernels.ops.decode_attention.paged_decode_attention` over each row's own length (with
-   the per-slot probabilities when the method wants them); the method may evict again.
+   :func:`~kvpress_kernels.ops.decode_attention.paged_decode_attention` over each row's own length and
+   over the pages in use only (with the per-slot probabilities when the method wants them); a method
+   that overrides ``decode`` then gets each slot's position and may evict (compaction). On the
+   reference backend outside debug mode the step calls the reference directly: the cache built the
+   page table and lengths, so re-checking their values every layer and step would cost more than
+   the attention (``KVPRESS_KERNELS_DEBUG=1`` restores the checks, and the cache's invariant checks).
 
 Padding: pads are never stored. At prefill the valid keys of each sequence are read from the 4-D
 attention mask transformers built (key ``j`` is real iff token ``j`` may attend to itself), the valid
