@@ -46,10 +46,11 @@ def append_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.T
         slot = lens.long().unsqueeze(1) + t                          # [rows, T]
         flat = (table.gather(1, slot // page_size) * page_size + slot % page_size).reshape(-1)
         for pool, new in ((k_pages, kn), (v_pages, vn)):
+            src = new.reshape(rows * T, new.shape[-1])
             if pool.is_contiguous():    # one index_copy_ over the flat slots: cheaper than a 2-index put
-                pool.view(-1, pool.shape[-1]).index_copy_(0, flat, new.reshape(rows * T, -1))
+                pool.view(-1, pool.shape[-1]).index_copy_(0, flat, src)
             else:
-                pool[flat // page_size, flat % page_size] = new.reshape(rows * T, -1)
+                pool[flat // page_size, flat % page_size] = src
         if pos_pages is not None:
             pos_pages.view(-1).index_copy_(0, flat, pos_new.reshape(rows * T).to(pos_pages.dtype))
         lens += T
