@@ -28,6 +28,14 @@ Compaction moves tokens with :func:`kvpress_kernels.ops.compaction.compact_` and
 row's tail pages (beyond ``ceil(new_length / page_size)``) to the pool. After compaction a slot's
 token is not in position order (see the op); ``pos_pages`` keeps each token's original position.
 
+Storing only what a prefill keeps: :meth:`PagedKVCache.append_kept` appends the tokens an eviction
+selects from dense K/V (a method scored them first), with their token index as position — cheaper
+than appending the whole prompt and compacting it, and the pool never holds the full prompt.
+
+The cache owns its page table and lengths, so it calls the append op without the launcher's value
+checks (which read both back on every call) except in debug mode (``KVPRESS_KERNELS_DEBUG=1``),
+where :meth:`check_invariants` also runs after every change.
+
 Positions: by default, tokens appended to a row get consecutive positions counting every token ever
 appended to that row (``seen_tokens``), evicted or not — the RoPE position of the token.
 """
@@ -40,8 +48,8 @@ import numpy as np
 import torch
 
 from . import _validate as V
-from ._backend import debug_checks, wants_data_checks
-from .ops.append import append_
+from ._backend import debug_checks, resolve_backend, wants_data_checks
+from .ops.append import append_, append_ref
 from .ops.compaction import compact_
 
 IntsLike = Union[int, Sequence[int], np.ndarray, torch.Tensor]
@@ -314,12 +322,8 @@ class PagedKVCache:
             A tensor is read on the host (a sync on CUDA); pass numpy/lists to avoid it.
         """
         layer = self._check_layer(layer)
-        B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
-        V.tensor("k", k, ndim=4, dtypes=(self.dtype,), device=self.device, last_contiguous=True)
-        V.shape("k", k, [B, H, None, D], "([batch, kv_heads, T, head_dim] of the cache)")
-        T = int(k.shape[2])
-        V.tensor("v", v, ndim=4, dtypes=(self.dtype,), device=self.device, last_contiguous=True)
-        V.shape("v", v, [B, H, T, D], "(same as k)")
+        T = self._check_new(k, v)
+        B, H = self.batch_size, self.num_kv_heads
         cnt = self._row_ints("counts", counts) if counts is not None else np.full((B, H), T, dtype=np.int64)
         if cnt.size and (int(cnt.min()) < 0 or int(cnt.max()) > T):
             raise ValueError(f"counts must be in [0, T={T}], got min {int(cnt.min())}, max {int(cnt.max())}")
@@ -329,7 +333,6 @@ class PagedKVCache:
                     "([batch, T] or [batch, kv_heads, T])")
         if T == 0 or not cnt.any():
             return
-        self._reserve(layer, cnt)
         pos_new = None
         if self.pos_pages is not None:
             if positions is None:
@@ -337,12 +340,104 @@ class PagedKVCache:
                 pos_new = start.unsqueeze(-1) + torch.arange(T, dtype=torch.int32, device=self.device)
             else:
                 pos_new = positions.unsqueeze(1).expand(B, H, T) if positions.dim() == 2 else positions
+        self._append(layer, k, v, cnt, pos_new, cnt)
+
+    def append_kept(self, layer: int, k: torch.Tensor, v: torch.Tensor, kept_idx: torch.Tensor, *,
+                    new_lengths: Optional[IntsLike] = None, seen: Optional[IntsLike] = None) -> None:
+        """Append only the tokens ``kept_idx`` selects from ``k, v`` (what a prefill that scores first stores,
+        instead of appending every token and compacting afterwards).
+
+        Row ``(b, h)`` stores tokens ``kept_idx[b, h, :new_lengths[b, h]]`` of ``k[b, h]`` / ``v[b, h]``, in that
+        order, at positions ``seen_tokens + index`` (an index is the token's offset in the ``T`` appended
+        tokens), and ``seen_tokens`` advances by ``seen`` — all ``T`` tokens were seen, kept or not, so the
+        next append's default positions continue after them.
+
+        Parameters
+        ----------
+        k, v : Tensor ``[batch, kv_heads, T, head_dim]``, as for :meth:`append` (strided views are fine)
+        kept_idx : Tensor ``[batch, kv_heads, K]``, int32/int64, on the cache's device
+            Kept token indices ``< T`` per row, then ``-1`` padding (an :class:`~kvpress_kernels.methods.base.Eviction`).
+        new_lengths : host ints ``[batch, kv_heads]``, optional
+            Kept tokens per row; default read from ``kept_idx`` (a device read: a sync on CUDA).
+        seen : int or host ints ``[batch]`` / ``[batch, kv_heads]``, optional
+            Tokens the rows saw (default ``T``; a ragged batch passes each sequence's length).
+        """
+        layer = self._check_layer(layer)
+        T = self._check_new(k, v)
+        B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
+        V.tensor("kept_idx", kept_idx, ndim=3, dtypes=V.INDEX_DTYPES, device=self.device)
+        V.shape("kept_idx", kept_idx, [B, H, None], "([batch, kv_heads, K])")
+        K = int(kept_idx.shape[-1])
+        seen_cnt = self._row_ints("seen", seen) if seen is not None else np.full((B, H), T, dtype=np.int64)
+        if seen_cnt.size and (int(seen_cnt.min()) < 0 or int(seen_cnt.max()) > T):
+            raise ValueError(f"seen must be in [0, T={T}], got min {int(seen_cnt.min())}, max {int(seen_cnt.max())}")
+        if new_lengths is None:
+            cnt = (kept_idx >= 0).sum(-1).cpu().numpy().astype(np.int64)
+        else:
+            cnt = self._ints("new_lengths", new_lengths)
+            if cnt.shape != (B, H):
+                raise ValueError(f"new_lengths must have shape [{B}, {H}], got {list(cnt.shape)}")
+            if cnt.size and (int(cnt.min()) < 0 or int(cnt.max()) > K or (cnt > seen_cnt).any()):
+                raise ValueError(f"new_lengths must be in [0, min(K={K}, seen)] per row, got min {int(cnt.min())}, "
+                                 f"max {int(cnt.max())}")
+        if wants_data_checks(kept_idx) and K:
+            self._check_kept(kept_idx, cnt, seen_cnt)
+        idx = kept_idx.long().clamp(min=0)                                   # -1 padding reads token 0, not stored
+        if K:
+            kk = torch.gather(k, 2, idx.unsqueeze(-1).expand(B, H, K, D))
+            vv = torch.gather(v, 2, idx.unsqueeze(-1).expand(B, H, K, D))
+        pos_new = None
+        if self.pos_pages is not None and K:
+            pos_new = (self._int32_to_device(self._seen_h[layer]).unsqueeze(-1) + idx).to(torch.int32)
+        if K and cnt.any():
+            self._append(layer, kk, vv, cnt, pos_new, seen_cnt)
+        else:
+            self._seen_h[layer] += seen_cnt
+
+    def _check_new(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        B, H, D = self.batch_size, self.num_kv_heads, self.head_dim
+        V.tensor("k", k, ndim=4, dtypes=(self.dtype,), device=self.device, last_contiguous=True)
+        V.shape("k", k, [B, H, None, D], "([batch, kv_heads, T, head_dim] of the cache)")
+        T = int(k.shape[2])
+        V.tensor("v", v, ndim=4, dtypes=(self.dtype,), device=self.device, last_contiguous=True)
+        V.shape("v", v, [B, H, T, D], "(same as k)")
+        return T
+
+    def _check_kept(self, kept_idx: torch.Tensor, cnt: np.ndarray, seen: np.ndarray) -> None:
+        """kept_idx lists ``cnt`` strictly ascending indices below ``seen`` per row, then -1 (a data check)."""
+        K = kept_idx.shape[-1]
+        ki = kept_idx.long()
+        rank = torch.arange(K, device=ki.device)
+        live = rank < torch.from_numpy(cnt).to(ki.device).unsqueeze(-1)
+        bad = (live & ((ki < 0) | (ki >= torch.from_numpy(seen).to(ki.device).unsqueeze(-1)))) | (~live & (ki != -1))
+        if K > 1:
+            bad[..., 1:] |= live[..., 1:] & (ki[..., 1:] <= ki[..., :-1])
+        if bool(bad.any()):
+            row = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"kept_idx must list new_lengths strictly ascending token indices below seen per row, "
+                             f"then -1; row {row[:2]} breaks it at column {row[2]}")
+
+    def _append(self, layer: int, k: torch.Tensor, v: torch.Tensor, cnt: np.ndarray,
+                pos_new: Optional[torch.Tensor], seen_cnt: np.ndarray) -> None:
+        """Allocate and write (inputs checked by the caller). The cache owns its page table and lengths,
+        so the op's value checks (which read them back) run only in debug mode, where
+        :meth:`check_invariants` runs after every call too; otherwise the registered op is called directly."""
+        T = int(k.shape[2])
+        self._reserve(layer, cnt)
         counts_dev = None if bool((cnt == T).all()) else self._int32_to_device(cnt)
         table, lengths = self.page_table[layer], self.lengths[layer]
-        append_(self.k_pages, self.v_pages, table, lengths, k, v, counts=counts_dev,
-                pos_pages=self.pos_pages, pos_new=pos_new, backend=self.backend)
+        if debug_checks():
+            append_(self.k_pages, self.v_pages, table, lengths, k, v, counts=counts_dev,
+                    pos_pages=self.pos_pages, pos_new=pos_new, backend=self.backend)
+        else:
+            b = resolve_backend("append", self.backend, self.device, has=("reference", "triton"))
+            if b == "reference":    # the custom-op dispatch costs more than a decode step's copy on CPU
+                append_ref(self.k_pages, self.v_pages, table, lengths, k, v, counts_dev, self.pos_pages, pos_new)
+            else:
+                torch.ops.kvpress_kernels.append_(self.k_pages, self.v_pages, table, lengths, k, v, counts_dev,
+                                                  self.pos_pages, pos_new, b)
         self._len_h[layer] += cnt
-        self._seen_h[layer] += cnt
+        self._seen_h[layer] += seen_cnt
         self._debug_check()
 
     def compact(self, layer: int, kept_idx: torch.Tensor, *, new_lengths: Optional[IntsLike] = None) -> None:

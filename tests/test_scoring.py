@@ -196,6 +196,33 @@ def test_reference_h2o_all_queries_chunked(monkeypatch):
                                rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("W", [29, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_chunked_ragged_and_uniform(monkeypatch, W, causal):
+    # The reference's chunk loop has two mask paths (every row full: only the causal triangle is
+    # masked; ragged rows: a mask per chunk) and skips the keys no query of a chunk sees. Both, with
+    # chunks of 2 queries, against the naive oracle: per head, lse, and a given lse.
+    B, Hq, Hkv, N, D = 3, 6, 2, 29, 8
+    q, k = make_inputs(B, Hq, Hkv, W, N, D)
+    # an outlier key the reference's per-row shift (the larger of the logits with key 0 and with the
+    # query's own key) does not cover: later queries' sums pass its threshold and it redoes those
+    # chunks with the exact row max
+    k[0, 0, 3] = q[0, 0].mean(0) * 40
+    monkeypatch.setattr(S, "_REF_CHUNK_ELEMS", B * Hq * N * 2)
+    scale = 0.4
+    # (the op wants lengths >= W: at W = N every row is full)
+    for lengths in (None, torch.tensor([N, max(W, 17), W])):
+        lens = [[N if lengths is None else int(lengths[b])] * Hkv for b in range(B)]
+        mass, lse = naive_mass_lse(q, k, lens, scale, causal)
+        got = S.attention_mass(q, k, lengths=lengths, scale=scale, causal=causal, head_reduce="none")
+        torch.testing.assert_close(got.double(), mass, **REF_TOL)
+        got_lse = S.attention_lse(q, k, lengths=lengths, scale=scale, causal=causal)
+        torch.testing.assert_close(got_lse.double(), lse, **REF_TOL)
+        given = S.attention_mass(q, k, lengths=lengths, scale=scale, causal=causal, head_reduce="none",
+                                 lse=lse.float())
+        torch.testing.assert_close(given.double(), mass, **REF_TOL)
+
+
 def test_reference_strided_inputs():
     # k as a transposed view of a [B, N, Hkv, D] buffer (an engine's layout), q a slice of a longer window.
     B, Hq, Hkv, W, N, D = 2, 4, 2, 3, 17, 8

@@ -10,13 +10,18 @@ How a generation runs, per layer (``with compress(model, method) as session: mod
 
 1. *Prefill* (the layer's first call): ``PagedCache.update`` hands the dense prompt K/V back unchanged
    and the attention function computes attention with torch SDPA, exactly as transformers' ``sdpa``
-   implementation does. Then the prompt's tokens — padding removed, see below — are appended to the
-   paged cache, the method picks what each (sequence, kv head) keeps from the layer's queries, keys
-   and values, and :meth:`PagedKVCache.compact` moves the kept tokens together and returns the freed
-   pages to the pool, before the next layer runs.
+   implementation does. Then the method picks what each (sequence, kv head) keeps from the layer's
+   queries, keys and values (views of transformers' tensors, padding removed, see below), and only the
+   kept tokens are appended to the paged cache (:meth:`PagedKVCache.append_kept`, one gather and one
+   append per layer) — the full prompt is never stored, so no compaction runs and no layer ever
+   holds more pages than it keeps. Without a method every real token is appended.
 2. *Decoding*: ``update`` appends the new token's K/V to the paged cache; the attention function runs
-   :func:`~kvpress_kernels.ops.decode_attention.paged_decode_attention` over each row's own length (with
-   the per-slot probabilities when the method wants them); the method may evict again.
+   :func:`~kvpress_kernels.ops.decode_attention.paged_decode_attention` over each row's own length and
+   over the pages in use only (with the per-slot probabilities when the method wants them); a method
+   that overrides ``decode`` then gets each slot's position and may evict (compaction). On the
+   reference backend outside debug mode the step calls the reference directly: the cache built the
+   page table and lengths, so re-checking their values every layer and step would cost more than
+   the attention (``KVPRESS_KERNELS_DEBUG=1`` restores the checks, and the cache's invariant checks).
 
 Padding: pads are never stored. At prefill the valid keys of each sequence are read from the 4-D
 attention mask transformers built (key ``j`` is real iff token ``j`` may attend to itself), the valid
@@ -42,10 +47,10 @@ import numpy as np
 import torch
 
 from .. import _validate as V
-from .._backend import resolve_backend
+from .._backend import debug_checks, resolve_backend
 from ..cache import PagedKVCache
 from ..methods.base import CompressionMethod, DecodeInputs, GenerationInfo, PrefillInputs
-from ..ops.decode_attention import paged_decode_attention
+from ..ops.decode_attention import paged_decode_attention, paged_decode_attention_ref
 from ..shots import normalize_batch_shots
 from ._compat import MaxLengthCompat, cache_kwarg, mask_query_length
 
@@ -267,7 +272,7 @@ class PagedCache(MaxLengthCompat, Cache):
             if self.kv is None or key_states.shape[0] != self.kv.batch_size:
                 raise ValueError(f"key_states has batch {key_states.shape[0]}, the cache holds "
                                  f"{None if self.kv is None else self.kv.batch_size} sequences")
-            self.kv.append(layer, key_states.contiguous(), value_states.contiguous())
+            self.kv.append(layer, key_states, value_states)      # strided views: the op takes strides
             if layer == 0:
                 self._generated += T
             phase = "decode"
@@ -335,11 +340,11 @@ class PagedCache(MaxLengthCompat, Cache):
             self._pack_idx = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :n_max]
         shots = normalize_batch_shots(self.shots, lengths.tolist())
         frac = 1.0 if self.method is None else min(1.0, self.method.expected_keep_fraction())
-        pages_full = -(-n_max // self.page_size)
+        # prefill stores only the kept tokens (scored first), so no layer ever holds the full prompt
         pages_kept = -(-int(np.ceil(frac * n_max)) // self.page_size)
         pages_new = -(-(self.max_new_tokens or 0) // self.page_size)
         rows = B * spec.num_kv_heads
-        num_pages = rows * (pages_full + (spec.num_layers - 1) * pages_kept + spec.num_layers * (pages_new + 1))
+        num_pages = rows * spec.num_layers * (pages_kept + pages_new + 1)
         self.kv = PagedKVCache(spec.num_layers, B, spec.num_kv_heads, spec.head_dim, num_pages=num_pages,
                                page_size=self.page_size, dtype=key.dtype, device=dev, track_positions=True,
                                backend=self.backend, grow=True)
@@ -349,6 +354,11 @@ class PagedCache(MaxLengthCompat, Cache):
                                    backend=self.backend)
         if self.method is not None:
             self.method.begin(self.info)
+        # Decode-step choices made once per generation, not per layer per step.
+        self._attn_backend = resolve_backend("paged_decode_attention", self.backend, dev, has=("reference", "triton"))
+        m = self.method
+        self._decode_hook = m is not None and type(m).decode is not CompressionMethod.decode
+        self._want_probs = m is not None and bool(m.needs_decode_probs)
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, N, D]`` with padding -> ``[B, H, n_max, D]`` real tokens first, zeros after each length.
@@ -362,22 +372,26 @@ class PagedCache(MaxLengthCompat, Cache):
         return torch.where(live.view(B, 1, n_max, 1), out, torch.zeros((), dtype=x.dtype, device=x.device))
 
     def _prefill(self, layer: int, query, key, value, attention_mask, scale: float) -> None:
+        """Score first, then store only what the method keeps: one append of the kept tokens (gathered
+        from the layer's dense K/V) instead of appending the whole prompt and compacting it."""
         if layer == 0:
             self._begin(key, attention_mask)
         elif self.kv is None:
             raise RuntimeError("PagedCache: layer 0 must be prefilled first")
         kv = self.kv
         k_p, v_p = self._pack(key), self._pack(value)
-        kv.append(layer, k_p, v_p, counts=self._prompt_lengths)
         self._prefilled[layer] = True
+        ev = None
         if self.method is not None:
             span = _Span(key.device)
             inputs = PrefillInputs(layer=layer, queries=self._pack(query), keys=k_p, values=v_p,
                                    lengths=self._lengths_dev, scale=float(scale), info=self.info)
             ev = self.method.prefill(inputs)
             if ev is not None:
-                kv.compact(layer, ev.kept_idx, new_lengths=ev.new_lengths)
+                kv.append_kept(layer, k_p, v_p, ev.kept_idx, new_lengths=ev.new_lengths, seen=self._prompt_lengths)
             self._compress_spans.append(span.stop())
+        if ev is None:
+            kv.append(layer, k_p, v_p, counts=self._prompt_lengths)
         if layer == self.spec.num_layers - 1:
             self._bytes_after_prefill = kv.bytes_in_use()
             self.lengths_after_prefill = kv.seq_lengths()
@@ -387,12 +401,23 @@ class PagedCache(MaxLengthCompat, Cache):
     def _decode(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         kv = self.kv
         table, lengths = kv.layer_view(layer)
-        want_probs = self.method is not None and bool(self.method.needs_decode_probs)
-        out, probs = paged_decode_attention(query, kv.k_pages, kv.v_pages, table, lengths, scale=float(scale),
-                                            causal=True, return_probs=want_probs, backend=self.backend)
-        if self.method is not None:
-            S = table.shape[-1] * kv.page_size
-            pos = kv.pos_pages[table.long().clamp(min=0)].reshape(table.shape[0], table.shape[1], S)
+        # Only the pages that hold tokens (the host knows the longest row): the attention, its
+        # probabilities and the positions then span S = used pages * page_size slots, not the capacity.
+        used = max(1, -(-kv.max_length(layer) // kv.page_size))
+        table = table[..., :used]
+        want_probs = self._want_probs
+        if self._attn_backend == "reference" and not debug_checks():
+            # The cache built this table and these lengths (its invariants are checked in debug mode),
+            # so the launcher's value checks, which read them back every call, are skipped here.
+            out, probs = paged_decode_attention_ref(query, kv.k_pages, kv.v_pages, table, lengths,
+                                                    scale=float(scale), causal=True, return_probs=want_probs)
+        else:
+            out, probs = paged_decode_attention(query, kv.k_pages, kv.v_pages, table, lengths, scale=float(scale),
+                                                causal=True, return_probs=want_probs, backend=self._attn_backend)
+        if self._decode_hook:
+            B, H = table.shape[0], table.shape[1]
+            S = used * kv.page_size
+            pos = kv.pos_pages.index_select(0, table.reshape(-1).long().clamp(min=0)).view(B, H, S)
             live = torch.arange(S, device=pos.device).view(1, 1, S) < lengths.unsqueeze(-1)
             positions = torch.where(live, pos, -1)
             seen = self._prompt_lengths + self._generated

@@ -44,8 +44,21 @@ def append_ref(k_pages: torch.Tensor, v_pages: torch.Tensor, page_table: torch.T
     lens = lengths.reshape(rows)
     kn = k_new.reshape(rows, T, k_new.shape[-1])
     vn = v_new.reshape(rows, T, v_new.shape[-1])
-    cnt = counts.reshape(rows).long() if counts is not None else torch.full((rows,), T, device=lens.device)
     t = torch.arange(T, device=lens.device)
+    if counts is None:  # every row writes its T tokens: no mask to compact (the decode step's case)
+        slot = lens.long().unsqueeze(1) + t                          # [rows, T]
+        flat = (table.gather(1, slot // page_size) * page_size + slot % page_size).reshape(-1)
+        for pool, new in ((k_pages, kn), (v_pages, vn)):
+            src = new.reshape(rows * T, new.shape[-1])
+            if pool.is_contiguous():    # one index_copy_ over the flat slots: cheaper than a 2-index put
+                pool.view(-1, pool.shape[-1]).index_copy_(0, flat, src)
+            else:
+                pool[flat // page_size, flat % page_size] = src
+        if pos_pages is not None:
+            pos_pages.view(-1).index_copy_(0, flat, pos_new.reshape(rows * T).to(pos_pages.dtype))
+        lens += T
+        return
+    cnt = counts.reshape(rows).long()
     write = t.unsqueeze(0) < cnt.unsqueeze(1)                       # [rows, T]
     slot = lens.long().unsqueeze(1) + t.unsqueeze(0)                # [rows, T]
     r_idx, t_idx = write.nonzero(as_tuple=True)

@@ -55,6 +55,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .. import _validate as V
 from .._backend import resolve_backend, triton_interpret, wants_data_checks
@@ -80,7 +81,16 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
                                num_splits: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Reference paged decode attention (plain PyTorch, any device, fp32 math). Same contract as
     :func:`paged_decode_attention`, no input checks; ``num_splits`` is accepted and ignored (the
-    reference does not split). Materialises each row's dense K/V, ``[B, Hkv, max_len, D]`` fp32."""
+    reference does not split).
+
+    It gathers each row's pages whole (one ``index_select`` of ``page_size * D`` blocks per pool, not a
+    per-slot gather) into a dense ``[B, Hkv, S, D]`` copy, ``S`` = the pages that hold tokens times
+    ``page_size``: on CPU ``S`` comes from ``lengths`` (reading it costs nothing there), elsewhere it is
+    the whole table (no host sync). Without ``return_probs``, on CPU, when every query sees a key, the
+    attention itself is torch's fused ``scaled_dot_product_attention`` (masked only where rows are
+    shorter than ``S``); otherwise an explicit softmax, in place on one ``[B, Hkv, G*T, S]`` buffer.
+    This is the decode step of the CPU path (once per layer per token), hence the care.
+    """
     B, Hq, T, D = q.shape
     Hkv, max_pages = page_table.shape[1], page_table.shape[2]
     G = Hq // Hkv
@@ -88,36 +98,58 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     max_len = max_pages * page_size
     scale = D ** -0.5 if scale is None else float(scale)
     dev = q.device
-    probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev) if return_probs else None
     if num_pages == 0 or max_len == 0 or q.numel() == 0:
         # lengths must be 0 then (nothing can be stored): every query sees no key
+        probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev) if return_probs else None
         return torch.zeros_like(q), probs
-    j = torch.arange(max_len, device=dev)
     lens = lengths.to(device=dev, dtype=torch.long)
-    live = j < lens.unsqueeze(-1)                                              # [B, Hkv, N]
-    pages = torch.where(live, page_table.long()[:, :, j // page_size], 0)      # unused entries may be garbage
-    offs = (j % page_size).expand_as(pages)
-    # zero the dead slots: they may hold anything (inf/NaN from a freed page) and 0 * NaN = NaN
-    k = torch.where(live.unsqueeze(-1), k_pages[pages, offs].float(), 0.0)     # [B, Hkv, N, D]
-    v = torch.where(live.unsqueeze(-1), v_pages[pages, offs].float(), 0.0)
+    n_pages = max_pages
+    on_host = dev.type == "cpu" and not torch.compiler.is_compiling() and lens.numel() > 0
+    if on_host:
+        n_pages = max(1, min(max_pages, -(-int(lens.max()) // page_size)))
+    S = n_pages * page_size
+    # entries past a row's used pages may be anything (-1, stale ids): clamp them to a valid page, the
+    # slots they give are masked below
+    pages = page_table[:, :, :n_pages].reshape(-1).long().clamp_(0, num_pages - 1)
+    k = k_pages.index_select(0, pages).view(B, Hkv, S, D).float()
+    v = v_pages.index_select(0, pages).view(B, Hkv, S, D).float()
+    j = torch.arange(S, device=dev)
+    live = j < lens.unsqueeze(-1)                                              # [B, Hkv, S]
+    # Zero the dead slots of K and V: they may hold anything (inf/NaN from a freed page) and
+    # 0 * NaN = NaN. Before the shortest row's length every slot is live, so only the tail is touched.
+    l_min = min(S, int(lens.min())) if on_host else 0
+    dead = ~live[:, :, l_min:].unsqueeze(-1)
+    k[:, :, l_min:].masked_fill_(dead, 0.0)
+    v[:, :, l_min:].masked_fill_(dead, 0.0)
     qf = q.float().reshape(B, Hkv, G * T, D)                                   # row r = g*T + t
-    s = torch.matmul(qf, k.transpose(-1, -2)) * scale                         # [B, Hkv, G*T, N]
-    t = torch.arange(T, device=dev).repeat(G)
-    lim = lens.unsqueeze(-1) - (T - 1 - t) if causal else lens.unsqueeze(-1).expand(B, Hkv, G * T)
-    vis = j < lim.unsqueeze(-1)
-    s = s.masked_fill(~vis, float("-inf"))
+    if causal and T > 1:
+        t = torch.arange(T, device=dev).repeat(G)
+        vis = j < (lens.unsqueeze(-1) - (T - 1 - t)).unsqueeze(-1)             # [B, Hkv, G*T, S]
+    else:
+        vis = live.unsqueeze(2)                                                # [B, Hkv, 1, S]
+    if not return_probs and on_host and l_min > 0 and (T == 1 or not causal or l_min >= T):
+        # Every query sees a key: torch's fused CPU attention (one kernel) is exact enough for the
+        # reference and much cheaper than the ten ops below at decode sizes. No mask when every row
+        # holds exactly S tokens.
+        mask = None if l_min == S and (T == 1 or not causal) else vis
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(B, Hq, T, D).to(q.dtype), None
+    s = torch.matmul(qf * scale, k.transpose(-1, -2))                          # [B, Hkv, G*T, S]
+    s.masked_fill_(~vis, float("-inf"))
     # A query that sees a NaN or +inf logit has no defined softmax (inf - inf): NaN weights on every key
-    # it sees, hence a NaN output, as the kernels' online softmax gives.
+    # it sees (and 0 on the others), hence a NaN output, as the kernels' online softmax gives.
     undefined = (torch.isnan(s) | (s == float("inf"))).any(-1, keepdim=True)
     m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))                # empty row: exp(-inf - 0) = 0
-    e = torch.exp(s - m)
-    denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    p = torch.where(undefined & vis, torch.full((), float("nan"), device=dev), p)
+    m.clamp_(min=-3e38)                                           # empty row (-inf): exp(-inf + 3e38) = 0
+    p = s.sub_(m).exp_()
+    denom = p.sum(-1, keepdim=True)
+    p.div_(denom.masked_fill_(denom == 0, 1.0))
+    p = torch.where(undefined, torch.where(vis, torch.full((), float("nan"), device=dev), 0.0), p)
     out = torch.matmul(p, v).reshape(B, Hq, T, D).to(q.dtype)
+    probs = None
     if return_probs:
-        probs = p.sum(-2)
+        probs = torch.zeros(B, Hkv, max_len, dtype=torch.float32, device=dev)
+        probs[:, :, :S] = p.sum(-2)
     return out, probs
 
 

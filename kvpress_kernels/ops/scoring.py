@@ -83,8 +83,8 @@ except Exception:  # pragma: no cover - Triton missing (e.g. macOS): reference o
 HEAD_REDUCES = ("none", "group_sum", "group_mean", "group_max", "all_sum", "all_mean", "all_max")
 POOLS = ("avg", "max")
 
-# Largest fp32 temporary (logits of one chunk of queries) the reference builds, in elements (64 MiB).
-_REF_CHUNK_ELEMS = 1 << 24
+# Largest fp32 temporary (logits of one chunk of queries) the reference builds, in elements (16 MiB).
+_REF_CHUNK_ELEMS = 1 << 22
 
 # Launch-configuration overrides, for tests that want several tiles / splits on tiny inputs.
 # Keys: "block_n", "block_m", "split_n", and "native_dot" (True: fp16/bf16 operands go to tl.dot as on a
@@ -114,44 +114,132 @@ def _mass_rows_ref(q: torch.Tensor, kd: torch.Tensor, lens: torch.Tensor, scale:
                    lse: Optional[torch.Tensor], causal: bool, want_mass: bool):
     """Core of the reference. ``kd: [B, Hkv, N, D]`` dense keys, ``lens: [B, Hkv]`` int64.
 
-    Returns ``(mass [B, Hq, N] fp32 or None, lse [B, Hq, W] fp32)``. Queries are processed in
-    chunks of ``c`` so that the logits temporary ``[B, Hq, c, N]`` stays under ``_REF_CHUNK_ELEMS``.
+    Returns ``(mass [B, Hq, N] fp32 or None, lse [B, Hq, W] fp32)``. The W queries are processed in
+    chunks of ``c`` whose logits ``[B, Hkv, G*c, n_vis]`` fill one preallocated buffer of at most
+    ``_REF_CHUNK_ELEMS`` fp32 values, so H2O-style all-queries scoring (W = N) never builds
+    ``[W * Hq, N]`` and its extra memory is that buffer. Under the causal mask a chunk of early queries
+    reads only the keys before it (``n_vis``): half the work at W = N.
+
+    Per chunk the buffer receives ``scale * q.k - m`` straight from one ``baddbmm`` (matmul and shift
+    fused), is exponentiated in place, and the mass is the row-weighted sum ``(1 / l) @ exp(...)``, one
+    more matrix product (``l`` the row sums): no normalised copy, no separate max and subtraction
+    passes. The per-row shift ``m`` is not the row max but the larger of two logits every query sees,
+    key 0 (the attention sink) and its own (last visible) key: ``m <= max``, so ``l >= 1`` never
+    underflows, and a rounded ``logit - m`` is as accurate as the logit itself. A chunk where some row's
+    max exceeds ``m`` by so much that ``l > 1e6`` (an outlier key), or that meets a NaN / inf, or a given
+    NaN / +inf ``lse``, is recomputed the plain way (:func:`_mass_chunk_exact`, row max + logsumexp, with
+    the NaN rules), so ``exp`` never overflows and never works on large arguments. ``lse = m + log l``. A given ``lse``
+    is the shift itself (``exp(logit - lse)`` is the probability).
     """
     B, Hq, W, D = q.shape
     Hkv, N = kd.shape[1], kd.shape[2]
     G = Hq // Hkv
     dev = q.device
     kf = kd.float()
-    j = torch.arange(N, device=dev)
-    valid_key = j.view(1, 1, 1, N) < lens.view(B, Hkv, 1, 1)                      # [B, Hkv, 1, N]
     mass = torch.zeros(B, Hkv, G, N, dtype=torch.float32, device=dev) if want_mass else None
-    lse_out = torch.empty(B, Hkv, G, W, dtype=torch.float32, device=dev)
+    lse_out = None if (want_mass and lse is not None) else torch.empty(B, Hkv, G, W, dtype=torch.float32, device=dev)
     lse_in = lse.float().reshape(B, Hkv, G, W) if lse is not None else None
+    if W == 0 or N == 0 or B * Hq == 0:
+        if lse_out is not None:
+            lse_out.fill_(float("-inf"))
+        return (mass.view(B, Hq, N) if want_mass else None), (None if lse_out is None else lse_out.view(B, Hq, W))
+    # On CPU the lengths are read on the host (free there) to skip keys nobody sees and, when every
+    # row is full (lengths == N), to mask only the causal triangle instead of building a mask per chunk.
+    host = dev.type == "cpu" and not torch.compiler.is_compiling()
+    l_min, l_max = (int(lens.min()), int(lens.max())) if host else (0, N)
+    uniform = host and l_min == l_max
+    j = torch.arange(N, device=dev)
+    valid_key = j.view(1, 1, N) < lens.view(B, Hkv, 1)                                  # [B, Hkv, N]
     c = max(1, min(W, _REF_CHUNK_ELEMS // max(1, B * Hq * N)))
+    buf = torch.empty(B * Hq * c * N, dtype=torch.float32, device=dev)
     for w0 in range(0, W, c):
         w1 = min(W, w0 + c)
-        qc = q[:, :, w0:w1].float().reshape(B, Hkv, G * (w1 - w0), D)
-        logits = torch.matmul(qc, kf.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, w1 - w0, N)
-        vis = valid_key                                                           # [B, Hkv, 1, N]
-        if causal:
-            pos = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, -1)  # [B, Hkv, c]
-            vis = vis & (j.view(1, 1, 1, N) <= pos.unsqueeze(-1))                # [B, Hkv, c, N]
-        vis = vis.unsqueeze(2)                                                    # [B, Hkv, 1, c|1, N]
-        logits.masked_fill_(~vis, float("-inf"))                                  # in place: one temporary
-        row_lse = torch.logsumexp(logits, dim=-1)                                 # [B, Hkv, G, c]
-        # A visible +inf logit leaves the softmax undefined (inf - inf): NaN, which is what the kernels'
-        # online softmax gives (logsumexp alone would say +inf). NaN logits give NaN by themselves.
-        row_lse = row_lse.masked_fill(row_lse == float("inf"), float("nan"))
-        lse_out[..., w0:w1] = row_lse
+        cw = w1 - w0
+        # key j may be seen by a query of this chunk only if j < lens and (causal) j <= lens - W + w1 - 1
+        n_vis = max(0, min(N, l_max - W + w1) if causal else l_max)
+        qc = q[:, :, w0:w1].float().mul(scale).reshape(B, Hkv, G, cw, D)
+        # the query's last visible key: position lens - W + w (causal) or lens - 1
+        last = (lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, cw) if causal
+                else (lens.view(B, Hkv, 1) - 1).expand(B, Hkv, cw))
+        seen_none = last < 0                                                            # [B, Hkv, cw]
+        if lse_in is not None:
+            use = lse_in[..., w0:w1]
+            if bool(((use != use) | (use == float("inf"))).any()):                     # NaN / +inf lse: rare
+                _mass_chunk_exact(q, kf, lens, scale, lse_in, causal, w0, w1, mass, lse_out)
+                continue
+            shift = torch.where(torch.isfinite(use), use, torch.zeros((), device=dev))  # -inf: sees nothing
+        else:
+            # logits with key 0 and with the last visible key: both seen by the query, both <= its max
+            k_last = kf.gather(2, last.clamp(0, N - 1).unsqueeze(-1).expand(B, Hkv, cw, D))   # [B, Hkv, cw, D]
+            lb = torch.maximum((qc * k_last.unsqueeze(2)).sum(-1), (qc * kf[:, :, :1].unsqueeze(2)).sum(-1))
+            shift = lb.masked_fill_(seen_none.unsqueeze(2), 0.0)                             # [B, Hkv, G, cw]
+        s = buf[: B * Hkv * G * cw * n_vis].view(B, Hkv, G, cw, n_vis)
+
+        def logits(sh):
+            torch.baddbmm(sh.neg().reshape(B * Hkv, G * cw, 1), qc.reshape(B * Hkv, G * cw, D),
+                          kf[:, :, :n_vis].reshape(B * Hkv, n_vis, D).transpose(1, 2),
+                          out=s.view(B * Hkv, G * cw, n_vis))
+            jv = j[:n_vis]
+            if uniform:
+                # every row holds L = l_max keys: query w (position L - W + w) sees j <= L - W + w
+                first = max(0, l_max - W + w0 + 1) if causal else n_vis
+                if first < n_vis:
+                    pos = l_max - W + torch.arange(w0, w1, device=dev)
+                    s[..., first:].masked_fill_(jv[first:].view(1, -1) > pos.view(-1, 1), float("-inf"))
+            else:
+                vis = valid_key[..., :n_vis].unsqueeze(2)                               # [B, Hkv, 1, n_vis]
+                if causal:
+                    vis = vis & (jv.view(1, 1, 1, n_vis) <= last.unsqueeze(-1))        # [B, Hkv, cw, n_vis]
+                s.masked_fill_(~vis.unsqueeze(2), float("-inf"))
+
+        logits(shift)
+        s.exp_()
+        if lse_in is not None:
+            mass[..., :n_vis] += s.sum(dim=3)
+            continue
+        l = s.sum(dim=-1)                                                               # [B, Hkv, G, cw]
+        off = ~((l > 0) & (l <= 1e6)) & ~seen_none.unsqueeze(2)                         # nan included
+        if bool(off.any()):
+            # rare (a far-off max, NaN or inf): the chunk again, exactly, with the NaN rules below
+            _mass_chunk_exact(q, kf, lens, scale, None, causal, w0, w1, mass, lse_out)
+            continue
+        lse_out[..., w0:w1] = shift + l.log()                                           # log 0 = -inf: sees no key
         if want_mass:
-            use = lse_in[..., w0:w1] if lse_in is not None else row_lse
-            # A row that sees no key has lse = -inf; shifting its (all -inf) logits by 0 instead
-            # gives exp = 0 rather than nan. A NaN lse stays NaN: NaN mass on every key the row sees.
-            use = torch.where(use == float("-inf"), torch.zeros((), device=dev), use)
-            p = logits.sub_(use.unsqueeze(-1)).exp_()
-            p.masked_fill_(~vis, 0.0)  # masked logits are -inf, but -inf - NaN is NaN
-            mass += p.sum(dim=3)
-    return (mass.view(B, Hq, N) if want_mass else None), lse_out.view(B, Hq, W)
+            r = l.reciprocal_().masked_fill_(seen_none.unsqueeze(2), 0.0)               # 1/0 -> 0: contributes nothing
+            mass[..., :n_vis] += torch.matmul(r.unsqueeze(-2), s).squeeze(-2)
+    return (mass.view(B, Hq, N) if want_mass else None), (None if lse_out is None else lse_out.view(B, Hq, W))
+
+
+def _mass_chunk_exact(q, kf, lens, scale, lse_in, causal, w0, w1, mass, lse_out):
+    """Queries ``[w0, w1)`` of :func:`_mass_rows_ref`, the plain way (row max, logsumexp), with the
+    documented NaN rules (docs/RELIABILITY.md) the kernels follow: a query that sees a NaN or +inf logit
+    has no defined softmax, so its LSE is NaN and it puts NaN mass on every key it sees (and only those);
+    a query that sees no key has LSE ``-inf`` and adds nothing. Adds into ``mass [B, Hkv, G, N]`` (when
+    given) and writes ``lse_out[..., w0:w1]`` (when given)."""
+    B, Hq, W, D = q.shape
+    Hkv, N = kf.shape[1], kf.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    j = torch.arange(N, device=dev)
+    qc = q[:, :, w0:w1].float().reshape(B, Hkv, G * (w1 - w0), D)
+    logits = torch.matmul(qc, kf.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, w1 - w0, N)
+    vis = j.view(1, 1, 1, N) < lens.view(B, Hkv, 1, 1)                            # [B, Hkv, 1, N]
+    if causal:
+        pos = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, -1)  # [B, Hkv, c]
+        vis = vis & (j.view(1, 1, 1, N) <= pos.unsqueeze(-1))                    # [B, Hkv, c, N]
+    vis = vis.unsqueeze(2)                                                        # [B, Hkv, 1, c|1, N]
+    logits.masked_fill_(~vis, float("-inf"))
+    row_lse = torch.logsumexp(logits, dim=-1)                                     # [B, Hkv, G, c]
+    # logsumexp alone would say +inf for a visible +inf logit: the softmax is undefined (inf - inf)
+    row_lse = row_lse.masked_fill(row_lse == float("inf"), float("nan"))
+    if lse_out is not None:
+        lse_out[..., w0:w1] = row_lse
+    if mass is not None:
+        use = lse_in[..., w0:w1] if lse_in is not None else row_lse
+        use = torch.where(use == float("-inf"), torch.zeros((), device=dev), use)   # sees no key: exp(-inf) = 0
+        p = logits.sub_(use.unsqueeze(-1)).exp_()
+        p.masked_fill_(~vis, 0.0)                                                 # -inf - NaN is NaN
+        mass += p.sum(dim=3)
 
 
 def _gather_pages(k_pages: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
