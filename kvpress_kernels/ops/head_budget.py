@@ -138,13 +138,8 @@ def select_head_budget_ref(scores: torch.Tensor, budget: Union[int, torch.Tensor
 
 if triton is not None:
 
-    @triton.jit
-    def _hb_order_key(x):
-        # The map of selection.order_keys(): int32 whose signed order is the fp32 order, NaN lowest.
-        b = x.to(tl.int32, bitcast=True)
-        b = tl.where(b == -2147483647 - 1, 0, b)
-        k = b ^ ((b >> 31) & 0x7FFFFFFF)
-        return tl.where((b & 0x7FFFFFFF) > 0x7F800000, -2147483647 - 1, k)
+    # the radix-select building blocks of select_topk: its order key (NaN lowest) and digit pick
+    from .selection import _order_key, _pick_digit
 
     @triton.jit
     def _hb_tile(x_row, p_row, j, L, sink, recent, HAS_PROTECT: tl.constexpr):
@@ -155,7 +150,7 @@ if triton is not None:
             prot = prot | (valid & (p != 0))
         cand = valid & ~prot
         x = tl.load(x_row + j, mask=valid, other=0.0).to(tl.float32)
-        return prot, cand, _hb_order_key(x)
+        return prot, cand, _order_key(x)
 
     @triton.jit
     def _hb_floor(cand, key, thr, k_rem, n_eq):
@@ -165,16 +160,6 @@ if triton is not None:
         rank = n_eq + tl.cumsum(eq, 0) - eq
         fl = cand & ((key > thr) | ((eq != 0) & (rank < k_rem)))
         return fl, n_eq + tl.sum(eq, 0)
-
-    @triton.jit
-    def _hb_pick_digit(hist, bins, k_rem, prefix, SHIFT: tl.constexpr):
-        # Bin b holds digit 255 - b: the running sum counts keys from the top; the wanted digit is the
-        # first bin where it reaches k_rem, and the keys of earlier bins are all kept.
-        run = tl.cumsum(hist, 0)
-        b = tl.sum((run < k_rem).to(tl.int32), 0)
-        above = tl.sum(tl.where(bins < b, hist, 0), 0)
-        prefix = prefix | ((255 - b).to(tl.int64) << SHIFT)
-        return k_rem - above, prefix
 
     @triton.jit
     def _hb_digit(key, top, P: tl.constexpr):
@@ -232,7 +217,7 @@ if triton is not None:
                 n_prot += tl.sum(prot.to(tl.int32), 0)
             n_cand = L - n_prot
             need = tl.minimum(flo, L.to(tl.int64)).to(tl.int32) - n_prot
-            k_rem, prefix = _hb_pick_digit(hist, bins, need, tl.zeros((), tl.int64), 24)
+            k_rem, prefix = _pick_digit(hist, bins, need, tl.zeros((), tl.int64), 24)
             selecting = (need > 0) & (need < n_cand)
             if selecting:
                 for p in tl.static_range(1, 4):
@@ -245,7 +230,7 @@ if triton is not None:
                         cand = cand & same
                         n_c = tl.sum(cand.to(tl.int32), 0)
                         hist += tl.histogram(tl.where(cand, digit, 0), 256) - tl.where(bins == 0, BLOCK - n_c, 0)
-                    k_rem, prefix = _hb_pick_digit(hist, bins, k_rem, prefix, 24 - 8 * p)
+                    k_rem, prefix = _pick_digit(hist, bins, k_rem, prefix, 24 - 8 * p)
             thr = (prefix - 2147483648).to(tl.int32)
             # need <= 0: no key beats INT32_MAX and no tie is taken; need >= n_cand: every key counts
             thr = tl.where(selecting, thr, tl.where(need <= 0, 2147483647, -2147483647 - 1))
@@ -281,7 +266,7 @@ if triton is not None:
                         cu = cand & ~fl & same
                         n_c = tl.sum(cu.to(tl.int32), 0)
                         hist += tl.histogram(tl.where(cu, digit, 0), 256) - tl.where(bins == 0, BLOCK - n_c, 0)
-                k_rem_u, prefix_u = _hb_pick_digit(hist, bins, k_rem_u, prefix_u, 24 - 8 * p)
+                k_rem_u, prefix_u = _pick_digit(hist, bins, k_rem_u, prefix_u, 24 - 8 * p)
         thr_u = (prefix_u - 2147483648).to(tl.int32)
         thr_u = tl.where(selecting_u, thr_u, tl.where(need_u <= 0, 2147483647, -2147483647 - 1))
         k_rem_u = tl.where(selecting_u, k_rem_u, tl.where(need_u <= 0, 0, total))
