@@ -96,3 +96,124 @@ def test_dropped_fork_pages_come_back_before_the_pool_grows():
     parent.reserve(1, extra)
     assert parent.num_pages == pages and parent.num_free_pages() == 0
     parent.check_invariants()
+
+
+# ------------------------------------------------------------------ prompt reuse on a model
+import kvpress_kernels as kk  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from kvpress_kernels.integrations._compat import cache_kwarg  # noqa: E402
+
+NEW = 6
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=None, initializer_range=0.2)
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def context(seed=0):
+    """Left-padded batch of two contexts (96 and 80 tokens) and two 5-token questions."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(2, 96, dtype=torch.long)
+    mask = torch.zeros(2, 96, dtype=torch.long)
+    for b, n in enumerate([96, 80]):
+        ids[b, 96 - n:] = torch.randint(3, 97, (n,), generator=g)
+        mask[b, 96 - n:] = 1
+    questions = [torch.randint(3, 97, (2, 5), generator=g) for _ in range(2)]
+    return ids, mask, questions
+
+
+def full(ids, mask, q):
+    return torch.cat([ids, q], 1), torch.cat([mask, torch.ones_like(q)], 1)
+
+
+def prefill(model, session, ids, mask):
+    cache = session.new_cache()
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+    return cache
+
+
+def answer(model, cache, ids, mask, q, **kw):
+    f_ids, f_mask = full(ids, mask, q)
+    kw.setdefault("do_sample", False)
+    kw.setdefault("max_new_tokens", NEW)
+    out = model.generate(f_ids, attention_mask=f_mask, past_key_values=cache, **kw)
+    return out[:, f_ids.shape[1]:]
+
+
+METHODS = [lambda: kk.SnapKV(0.5, window_size=4), lambda: kk.H2O(0.5),
+           lambda: kk.ShotKV(0.5, decode_keep_ratio=0.5, decode_recent=1)]
+
+
+@pytest.mark.parametrize("make", METHODS, ids=["snapkv", "h2o_decode", "shotkv_decode"])
+def test_copies_answer_like_a_fresh_prefill_and_share_the_context(make):
+    model = tiny_llama()
+    ids, mask, questions = context()
+    shots = [[(1, 20), (20, 40), (40, 60), (60, 80)], [(0, 16), (16, 32), (32, 48), (48, 64)]]
+    fresh = []
+    with kk.compress(model, make(), shots=shots, page_size=4) as session:   # the oracle: one prefill per question
+        for q in questions:
+            fresh.append(answer(model, prefill(model, session, ids, mask), ids, mask, q))
+    with kk.compress(model, make(), shots=shots, page_size=4) as session:
+        base = prefill(model, session, ids, mask)
+        kv = base.kv
+        context_bytes = kv.pool_bytes_in_use()
+        assert context_bytes == kv.bytes_in_use()
+        copies = [copy.deepcopy(base), base.fork()]
+        assert kv.pool_bytes_in_use() == context_bytes          # stored once
+        outs = [answer(model, c, ids, mask, q) for c, q in zip(copies, questions)]
+        for got, want in zip(outs, fresh):
+            assert torch.equal(got, want)
+        own = [c.kv.pages_in_use() - c.kv.shared_pages() for c in copies]
+        assert all(o > 0 for o in own)
+        assert kv.pool_bytes_in_use() == context_bytes + sum(own) * kv.page_bytes
+        if not isinstance(session.method, kk.H2O):
+            # only the last, partially filled page of each row is copied, plus the new tokens' pages
+            assert sum(own) < kv.pages_in_use()
+        # (H2O's decoding phase evicts context tokens too: compaction then rewrites a copy's rows from
+        # the first evicted slot on, and those pages become the copy's own)
+        copies[0].release()                                      # returns only its own pages
+        assert kv.pool_bytes_in_use() == context_bytes + own[1] * kv.page_bytes
+        assert copies[1].stats()["extended_prompt_tokens"] == 5
+        kv.check_invariants()
+        # the context itself answers a third question unchanged by its copies
+        assert torch.equal(answer(model, base, ids, mask, questions[0]), fresh[0])
+
+
+def test_copies_sample_and_stop_at_eos_like_fresh_prefills():
+    model = tiny_llama()
+    ids, mask, questions = context(1)
+    q = questions[0]
+    with kk.compress(model, kk.H2O(0.5)) as session:
+        greedy = answer(model, prefill(model, session, ids, mask), ids, mask, q)
+        eos = int(greedy[0, 2])
+        torch.manual_seed(3)
+        sampled = answer(model, prefill(model, session, ids, mask), ids, mask, q, do_sample=True, top_k=5)
+        stopped = answer(model, prefill(model, session, ids, mask), ids, mask, q, eos_token_id=eos)
+    with kk.compress(model, kk.H2O(0.5)) as session:
+        base = prefill(model, session, ids, mask)
+        torch.manual_seed(3)
+        assert torch.equal(answer(model, copy.deepcopy(base), ids, mask, q, do_sample=True, top_k=5), sampled)
+        got = answer(model, base.fork(), ids, mask, q, eos_token_id=eos)
+        assert torch.equal(got, stopped)
+        assert got.shape[1] < NEW or (got[0, 3:] == 0).all()
+
+
+def test_extension_with_padding_is_rejected():
+    model = tiny_llama()
+    ids, mask, questions = context()
+    with kk.compress(model, kk.SnapKV(0.5, window_size=4)) as session:
+        cache = prefill(model, session, ids, mask)
+        f_ids, f_mask = full(ids, mask, questions[0])
+        f_mask[1, -1] = 0
+        with pytest.raises(ValueError, match="pads some of the new tokens"):
+            model.generate(f_ids, attention_mask=f_mask, past_key_values=cache, max_new_tokens=2)
+        with pytest.raises(ValueError, match="already holds"):
+            model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)

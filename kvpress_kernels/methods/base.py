@@ -137,7 +137,11 @@ class DecodeInputs:
     lengths : Tensor ``[B, Hkv]`` int32 (device) and lengths_host : ndarray ``[B, Hkv]`` (host)
         Tokens held per row.
     seen_host : ndarray ``[B]``
-        Tokens of each sequence so far (``prompt_len + generated``).
+        Tokens of each sequence so far (``prompt_len + extended + generated``).
+    extended_host : ndarray ``[B]`` or None
+        Prompt tokens fed after the compressed prefill (a later question, the next chat turn: prompt
+        reuse), at positions ``prompt_len .. prompt_len + extended - 1``. They are prompt, not
+        generated tokens: a decoding-phase policy never evicts them. ``None``: none.
     """
 
     layer: int
@@ -148,6 +152,12 @@ class DecodeInputs:
     lengths_host: np.ndarray
     seen_host: np.ndarray
     info: GenerationInfo
+    extended_host: Optional[np.ndarray] = None
+
+    def prompt_host(self) -> np.ndarray:
+        """``[B]`` prompt tokens per sequence, the extension included: positions below it are prompt."""
+        base = np.asarray(self.info.prompt_lengths, dtype=np.int64)
+        return base if self.extended_host is None else base + np.asarray(self.extended_host, dtype=np.int64)
 
 
 @dataclass

@@ -216,7 +216,9 @@ class ShotKV(CompressionMethod):
         info = inputs.info
         g = int(inputs.generated)
         budget_gen = budget_tokens(self.decode_keep_ratio, g)
-        pre = self._prefill_kept[inputs.layer]                                            # [B]
+        prompt = inputs.prompt_host()                                                     # [B]
+        # the compressed prefill plus any prompt extension (prompt reuse) is frozen: never evicted here
+        pre = self._prefill_kept[inputs.layer] + (prompt - np.asarray(info.prompt_lengths, dtype=np.int64))
         held_gen = inputs.lengths_host - pre[:, None]                                     # [B, Hkv]
         if (held_gen <= budget_gen).all():
             return None
@@ -224,7 +226,7 @@ class ShotKV(CompressionMethod):
         dev = inputs.probs.device
         scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
         recent = min(self.decode_recent, budget_gen)
-        bounds = to_device(np.stack([np.asarray(info.prompt_lengths, dtype=np.int64),
+        bounds = to_device(np.stack([prompt,
                                      inputs.seen_host.astype(np.int64) - recent]), dev).view(2, B, 1, 1)
         pos = inputs.positions.long()
         # the frozen prefill cache and the most recent generated tokens
