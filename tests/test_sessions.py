@@ -217,3 +217,35 @@ def test_extension_with_padding_is_rejected():
             model.generate(f_ids, attention_mask=f_mask, past_key_values=cache, max_new_tokens=2)
         with pytest.raises(ValueError, match="already holds"):
             model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2)
+
+
+# ------------------------------------------------------------------ prompt extension is prompt
+@pytest.mark.parametrize("make", [lambda: kk.ShotKV(0.5, decode_keep_ratio=0.3, decode_recent=1),
+                                  lambda: kk.H2O(0.5, recent_ratio=0.05), lambda: kk.TOVA(0.5)], ids=["shotkv", "h2o", "tova"])
+def test_decoding_phase_never_evicts_extended_prompt_tokens(make):
+    model = tiny_llama()
+    ids, mask, _ = context(2)
+    g = torch.Generator().manual_seed(5)
+    question = torch.randint(3, 97, (2, 12), generator=g)
+    shots = [[(1, 20), (20, 40), (40, 60), (60, 80)], [(0, 16), (16, 32), (32, 48), (48, 64)]]
+    new = 10
+    with kk.compress(model, make(), shots=shots, page_size=4) as session:
+        cache = prefill(model, session, ids, mask)
+        answer(model, cache, ids, mask, question, max_new_tokens=new)
+        stats = cache.stats()
+    assert stats["extended_prompt_tokens"] == 12 and stats["generated_tokens"] == new - 1  # last one never fed
+    prompt = np.asarray(stats["prompt_lengths"])
+    evicted_generated = 0
+    for layer in range(cache.kv.num_layers):
+        _, _, lengths, pos = cache.kv.gather(layer)
+        for b in range(2):
+            for h in range(cache.kv.num_kv_heads):
+                held = set(pos[b, h, :int(lengths[b, h])].tolist())
+                ext = set(range(int(prompt[b]), int(prompt[b]) + 12))
+                assert ext <= held, f"layer {layer} seq {b} head {h} lost prompt tokens {sorted(ext - held)}"
+                gen = set(range(int(prompt[b]) + 12, int(prompt[b]) + 12 + new - 1))
+                evicted_generated += len(gen - held)
+    # the decoding phase did run (ShotKV evicts generated tokens; H2O/TOVA evict context or generated ones)
+    assert stats["kv_tokens_final"] < stats["kv_tokens_full"]
+    if isinstance(session.method, kk.ShotKV):
+        assert evicted_generated > 0
