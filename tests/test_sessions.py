@@ -231,9 +231,15 @@ def test_decoding_phase_never_evicts_extended_prompt_tokens(make):
     new = 10
     with kk.compress(model, make(), shots=shots, page_size=4) as session:
         cache = prefill(model, session, ids, mask)
-        answer(model, cache, ids, mask, question, max_new_tokens=new)
+        a1 = answer(model, cache, ids, mask, question, max_new_tokens=new)
         stats = cache.stats()
-    assert stats["extended_prompt_tokens"] == 12 and stats["generated_tokens"] == new - 1  # last one never fed
+        assert stats["extended_prompt_tokens"] == 12 and stats["generated_tokens"] == new - 1  # last one never fed
+        # a second round on the same cache: the last answer token and the next question are prompt
+        ids2, mask2 = full(ids, mask, torch.cat([question, a1], 1))
+        answer(model, cache, ids2, mask2, question[:, :7], max_new_tokens=new)
+        stats = cache.stats()
+    assert stats["extended_prompt_tokens"] == 12 + 8 and stats["generated_tokens"] == 2 * (new - 1)
+    assert cache._ext_ranges == [(0, 12), (12 + new - 1, 12 + new - 1 + 8)]
     prompt = np.asarray(stats["prompt_lengths"])
     evicted_generated = 0
     for layer in range(cache.kv.num_layers):
@@ -241,9 +247,10 @@ def test_decoding_phase_never_evicts_extended_prompt_tokens(make):
         for b in range(2):
             for h in range(cache.kv.num_kv_heads):
                 held = set(pos[b, h, :int(lengths[b, h])].tolist())
-                ext = set(range(int(prompt[b]), int(prompt[b]) + 12))
+                ext = {int(prompt[b]) + i for s, e in cache._ext_ranges for i in range(s, e)}
                 assert ext <= held, f"layer {layer} seq {b} head {h} lost prompt tokens {sorted(ext - held)}"
-                gen = set(range(int(prompt[b]) + 12, int(prompt[b]) + 12 + new - 1))
+                gen = set(range(int(prompt[b]), int(prompt[b]) + stats["extended_prompt_tokens"]
+                                + stats["generated_tokens"])) - ext
                 evicted_generated += len(gen - held)
     # the decoding phase did run (ShotKV evicts generated tokens; H2O/TOVA evict context or generated ones)
     assert stats["kv_tokens_final"] < stats["kv_tokens_full"]

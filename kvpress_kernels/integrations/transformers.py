@@ -229,6 +229,7 @@ class PagedCache(MaxLengthCompat, Cache):
         self._seen = 0                # positions processed, padding included (what transformers counts)
         self._generated = 0           # decoding tokens appended per sequence
         self._extended = 0            # prompt tokens fed after the compressed prefill, per sequence
+        self._ext_ranges: List[tuple] = []   # their (start, end) offsets past each prompt (one per extension)
         self._next_is_prompt = False  # the next forward continues the prompt (the first of a generate call)
         self._prefilled = [False] * self.spec.num_layers
         self._pack_idx: Optional[torch.Tensor] = None
@@ -275,6 +276,11 @@ class PagedCache(MaxLengthCompat, Cache):
                 # Prompt extension (a later question, the next chat turn) is prompt, not generated tokens:
                 # the first forward of a generate() call on a prefilled cache, and any multi-token forward.
                 if T > 1 or self._next_is_prompt:
+                    start = self._extended + self._generated
+                    if self._ext_ranges and self._ext_ranges[-1][1] == start:
+                        self._ext_ranges[-1] = (self._ext_ranges[-1][0], start + T)
+                    else:
+                        self._ext_ranges.append((start, start + T))
                     self._extended += T
                 else:
                     self._generated += T
@@ -307,6 +313,7 @@ class PagedCache(MaxLengthCompat, Cache):
         self._seen = 0
         self._generated = 0
         self._extended = 0
+        self._ext_ranges = []
         self._next_is_prompt = False
         self._prefilled = [False] * self.spec.num_layers
 
@@ -326,6 +333,7 @@ class PagedCache(MaxLengthCompat, Cache):
         new.info = copy.deepcopy(self.info, memo)
         new.layers = [_LayerView(new, i) for i in range(self.spec.num_layers)]
         new._prefilled = list(self._prefilled)
+        new._ext_ranges = list(self._ext_ranges)
         new._compress_spans = list(self._compress_spans)
         for name in ("_prompt_lengths", "lengths_after_prefill"):
             if getattr(self, name) is not None:
@@ -441,7 +449,8 @@ class PagedCache(MaxLengthCompat, Cache):
             seen = self._prompt_lengths + self._extended + self._generated
             inputs = DecodeInputs(layer=layer, generated=self._generated, probs=probs, positions=positions,
                                   lengths=lengths, lengths_host=kv.seq_lengths(layer), seen_host=seen, info=self.info,
-                                  extended_host=np.full_like(self._prompt_lengths, self._extended))
+                                  extended_host=np.full_like(self._prompt_lengths, self._extended),
+                                  extended_ranges=np.asarray(self._ext_ranges, dtype=np.int64).reshape(-1, 2))
             ev = self.method.decode(inputs)
             if ev is not None:
                 kv.compact(layer, ev.kept_idx, new_lengths=ev.new_lengths)
