@@ -256,3 +256,84 @@ def test_decoding_phase_never_evicts_extended_prompt_tokens(make):
     assert stats["kv_tokens_final"] < stats["kv_tokens_full"]
     if isinstance(session.method, kk.ShotKV):
         assert evicted_generated > 0
+
+
+# ------------------------------------------------------------------ chat turns and paragraphs
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'][0] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<a>{% endif %}")
+
+
+def char_tokenizer():
+    """A fast tokenizer with one token per character (ids below the tiny model's vocabulary of 97),
+    built locally: no download."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "\n <>/" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "0123456789.,?!:;'-"
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[UNK]": 2}
+    for i, c in enumerate(chars):
+        vocab[c] = 3 + i
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+CHAT = [{"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a red fruit."}, {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "And a yellow one?"}, {"role": "assistant", "content": "Banana, often."},
+        {"role": "user", "content": "A green vegetable, please."}, {"role": "assistant", "content": "Kale."},
+        {"role": "user", "content": "Which of them was yellow?"}]
+
+
+def test_chat_turns_are_found_from_the_template():
+    tok = char_tokenizer()
+    seg = kk.find_chat_turns(CHAT, tok)
+    text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    assert seg.input_ids == tok(text, add_special_tokens=False)["input_ids"]
+    pieces = [text[s:e] for s, e in seg.turns]                 # one char per token
+    assert pieces == ["<u>Name a red fruit.\n<a>Apple.\n", "<u>And a yellow one?\n<a>Banana, often.\n",
+                      "<u>A green vegetable, please.\n<a>Kale.\n"]
+    assert text[slice(*seg.system)] == "<s>You are terse.\n"
+    assert text[slice(*seg.current)] == "<u>Which of them was yellow?\n<a>"
+    per_message = kk.find_chat_turns(CHAT, tok, unit="message")
+    assert [text[s:e] for s, e in per_message.turns[:2]] == ["<u>Name a red fruit.\n", "<a>Apple.\n"]
+    assert len(per_message.turns) == 6
+    with pytest.raises(ValueError, match="current user turn"):
+        kk.find_chat_turns(CHAT[:-1], tok)
+    with pytest.raises(ValueError, match="unit"):
+        kk.find_chat_turns(CHAT, tok, unit="turn")
+
+
+def test_paragraphs_are_found():
+    tok = char_tokenizer()
+    text = "First part, one.\n\n  Second part\nstill second.\n \nThird.\n\n\n"
+    spans = kk.find_paragraphs(text, tok, add_special_tokens=False)
+    assert [text[s:e] for s, e in spans] == ["First part, one.", "Second part\nstill second.", "Third."]
+    with pytest.raises(ValueError, match="empty string"):
+        kk.find_paragraphs(text, tok, separator=r"\s*")
+
+
+def test_shotkv_keeps_or_drops_past_turns_whole():
+    tok = char_tokenizer()
+    model = tiny_llama()
+    seg = kk.find_chat_turns(CHAT, tok)
+    ids = torch.tensor([seg.input_ids])
+    n = ids.shape[1]
+    with kk.compress(model, kk.ShotKV(0.6, decode_keep_ratio=1.0, policy="skip"), shots=seg.turns,
+                     page_size=4) as session:
+        model.generate(ids, max_new_tokens=2, do_sample=False)
+        cache = session.cache
+    dropped_any = False
+    for layer in range(cache.kv.num_layers):
+        _, _, lengths, pos = cache.kv.gather(layer)
+        for h in range(cache.kv.num_kv_heads):
+            held = set(pos[0, h, :int(lengths[0, h])].tolist())
+            for s, e in seg.turns:
+                inside = held & set(range(s, e))
+                assert inside in (set(), set(range(s, e))), f"turn {(s, e)} split in layer {layer}"
+                dropped_any |= not inside
+            assert set(range(*seg.system)) <= held and set(range(*seg.current)) <= held
+            assert len(held & set(range(n))) <= kk.methods.budget_tokens(0.6, n)
+    assert dropped_any
