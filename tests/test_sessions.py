@@ -337,3 +337,27 @@ def test_shotkv_keeps_or_drops_past_turns_whole():
             assert set(range(*seg.system)) <= held and set(range(*seg.current)) <= held
             assert len(held & set(range(n))) <= kk.methods.budget_tokens(0.6, n)
     assert dropped_any
+
+
+# ------------------------------------------------------------------ the harness's multi-question setting
+def test_harness_multi_question_answers_each_question_from_a_copy():
+    import dataclasses
+
+    from kvpress_kernels.evaluation.harness import build_method, prepare, run_once
+    from kvpress_kernels.evaluation.tasks import generate_task
+
+    tok = char_tokenizer()
+    model = tiny_llama()
+    ex = generate_task("multi_answer", 1, seed=0, n_shots=6)[0]
+    prep = prepare(ex, tok)
+    multi = run_once(model, tok, prep, build_method("shotkv_decode", 0.5), "multi_question")
+    assert len(multi.texts) == 1 + len(ex.turns)
+    st = multi.stats
+    assert st["extended_prompt_tokens"] == prep.q_ids.shape[1]
+    # the context and one copy at a time: far less than two contexts
+    assert st["kv_bytes_after_prefill"] < st["kv_bytes_pool_peak"] < 2 * st["kv_bytes_after_prefill"]
+    # each answer equals the query-agnostic answer to that question alone
+    for i, (question, _) in enumerate([(ex.question, ex.answer)] + list(ex.turns)):
+        alone = dataclasses.replace(ex, question=question, turns=[])
+        single = run_once(model, tok, prepare(alone, tok), build_method("shotkv_decode", 0.5), "query_agnostic")
+        assert single.texts[0] == multi.texts[i]
