@@ -42,6 +42,7 @@ appended to that row (``seen_tokens``), evicted or not — the RoPE position of 
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -57,6 +58,49 @@ IntsLike = Union[int, Sequence[int], np.ndarray, torch.Tensor]
 
 class CacheFullError(RuntimeError):
     """The page pool of a fixed-size :class:`PagedKVCache` has no free page left."""
+
+
+class _PagePool:
+    """The page pool one or more :class:`PagedKVCache` copies share (:meth:`PagedKVCache.fork`): the K/V
+    (and position) pages, the free list and a reference count per page (how many rows, over every live
+    cache of the pool, own it). ``caches`` holds the live caches weakly, so that the pages of a cache
+    that was dropped without :meth:`PagedKVCache.release` can be taken back (:meth:`sweep`)."""
+
+    def __init__(self):
+        self.k_pages: Optional[torch.Tensor] = None
+        self.v_pages: Optional[torch.Tensor] = None
+        self.pos_pages: Optional[torch.Tensor] = None
+        self.free = np.zeros(0, dtype=np.int64)
+        self.nfree = 0
+        self.ref = np.zeros(0, dtype=np.int64)
+        self.caches: "weakref.WeakSet[PagedKVCache]" = weakref.WeakSet()
+        self.shared = False           # ever forked: ownership is then checked over every cache of the pool
+
+    def owners(self) -> np.ndarray:
+        """Rows owning each page, counted over the live caches (host)."""
+        uses = np.zeros(int(self.k_pages.shape[0]), dtype=np.int64)
+        for c in list(self.caches):
+            held = c._table_h[np.arange(c.max_pages) < c._owned_h[..., None]].astype(np.int64)
+            uses += np.bincount(held, minlength=uses.size)
+        return uses
+
+    def sweep(self) -> int:
+        """Return to the free list the pages only dropped caches owned; the number of pages freed."""
+        if not self.shared:
+            return 0
+        uses = self.owners()
+        is_free = np.zeros(uses.size, dtype=bool)
+        is_free[self.free[: self.nfree]] = True
+        lost = np.nonzero((uses == 0) & ~is_free)[0]
+        self.ref[:] = uses
+        if lost.size:
+            self.free[self.nfree: self.nfree + lost.size] = lost[::-1]
+            self.nfree += lost.size
+        return int(lost.size)
+
+
+def _pool_attr(name: str):
+    return property(lambda self: getattr(self._pool, name), lambda self, value: setattr(self._pool, name, value))
 
 
 class PagedKVCache:
@@ -85,6 +129,13 @@ class PagedKVCache:
         Grow the pool when it runs out instead of raising :class:`CacheFullError`. Default: true
         when ``num_pages`` is not given.
     """
+
+    # The pool lives in a _PagePool that forks share; these names keep reading it as before.
+    k_pages = _pool_attr("k_pages")
+    v_pages = _pool_attr("v_pages")
+    pos_pages = _pool_attr("pos_pages")
+    _free = _pool_attr("free")
+    _nfree = _pool_attr("nfree")
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, *,
                  num_pages: Optional[int] = None, max_tokens: Optional[int] = None, page_size: int = 16,
@@ -124,6 +175,8 @@ class PagedKVCache:
         self._owned_h = np.zeros((L, B, H), dtype=np.int64)   # pages owned per row
         self._len_h = np.zeros((L, B, H), dtype=np.int64)     # tokens held per row
         self._seen_h = np.zeros((L, B, H), dtype=np.int64)    # tokens ever appended per row
+        self._pool = _PagePool()
+        self._pool.caches.add(self)
         self._alloc_pools(num_pages)
         self._reset_free_list()
         self.page_table = torch.full((L, B, H, max_pages), -1, dtype=torch.int32, device=self.device)
@@ -231,6 +284,7 @@ class PagedKVCache:
     def _pop(self, n: int) -> np.ndarray:
         pages = self._free[self._nfree - n: self._nfree][::-1].copy()
         self._nfree -= n
+        self._pool.ref[pages] = 1
         return pages
 
     def _push(self, pages: np.ndarray) -> None:
@@ -242,6 +296,7 @@ class PagedKVCache:
         # A stack popped from the end: lowest page ids first, so fresh caches fill the pool in order.
         self._free = np.arange(self.num_pages - 1, -1, -1, dtype=np.int64)
         self._nfree = self.num_pages
+        self._pool.ref = np.zeros(self.num_pages, dtype=np.int64)
 
     def _alloc_pools(self, num_pages: int) -> None:
         shape = (num_pages, self.page_size, self.head_dim)
@@ -251,6 +306,9 @@ class PagedKVCache:
                           if self.track_positions else None)
 
     def _grow_pool(self, deficit: int) -> None:
+        deficit -= self._pool.sweep()      # pages of forks dropped without release() come back first
+        if deficit <= 0:
+            return
         old = self.num_pages
         if not self.grow:
             raise CacheFullError(
@@ -270,6 +328,7 @@ class PagedKVCache:
         free[new - old: new - old + self._nfree] = self._free[: self._nfree]
         self._free = free
         self._nfree += new - old
+        self._pool.ref = np.concatenate([self._pool.ref, np.zeros(new - old, dtype=np.int64)])
 
     def _grow_table(self, min_pages: int) -> None:
         new = max(2 * self.max_pages, min_pages)
@@ -289,7 +348,15 @@ class PagedKVCache:
         if freed.size:
             table[tail] = -1
             self._owned_h[sel] = np.minimum(owned, need)
-            self._push(freed.astype(np.int64))
+            self._unref(freed.astype(np.int64))
+
+    def _unref(self, pages: np.ndarray) -> None:
+        """Drop one owner of each page; pages nobody owns any more return to the pool."""
+        ref = self._pool.ref
+        np.subtract.at(ref, pages, 1)
+        gone = pages[ref[pages] == 0]
+        if gone.size:
+            self._push(np.unique(gone))
 
     def _upload(self, dst: torch.Tensor, arr: np.ndarray) -> None:
         """Write a host mirror to its device tensor without waiting for the device: on CUDA through
@@ -423,6 +490,9 @@ class PagedKVCache:
         so the op's value checks (which read them back) run only in debug mode, where
         :meth:`check_invariants` runs after every call too; otherwise the registered op is called directly."""
         T = int(k.shape[2])
+        if self._pool.shared:
+            # copy-on-write: the partly filled last page of a row may be another cache's too
+            self._make_private(layer, self._len_h[layer], np.where(cnt > 0, self._len_h[layer] + cnt, 0))
         self._reserve(layer, cnt)
         counts_dev = None if bool((cnt == T).all()) else self._int32_to_device(cnt)
         table, lengths = self.page_table[layer], self.lengths[layer]
@@ -460,6 +530,7 @@ class PagedKVCache:
         V.tensor("kept_idx", kept_idx, ndim=3, dtypes=V.INDEX_DTYPES, device=self.device)
         V.shape("kept_idx", kept_idx, [B, H, None], "([batch, kv_heads, K])")
         new_len = self._new_lengths(kept_idx, new_lengths, self._len_h[layer])
+        self._cow_for_compaction(layer, kept_idx, new_len)
         table, lengths = self.page_table[layer], self.lengths[layer]
         compact_(self.k_pages, self.v_pages, table, lengths, kept_idx, pos_pages=self.pos_pages, backend=self.backend)
         self._len_h[layer] = new_len
@@ -476,6 +547,7 @@ class PagedKVCache:
         V.tensor("kept_idx", kept_idx, ndim=4, dtypes=V.INDEX_DTYPES, device=self.device)
         V.shape("kept_idx", kept_idx, [L, B, H, None], "([layers, batch, kv_heads, K])")
         new_len = self._new_lengths(kept_idx, new_lengths, self._len_h)
+        self._cow_for_compaction(slice(None), kept_idx, new_len)
         compact_(self.k_pages, self.v_pages, self.page_table, self.lengths, kept_idx, pos_pages=self.pos_pages,
                  backend=self.backend)
         self._len_h[...] = new_len
@@ -513,7 +585,11 @@ class PagedKVCache:
         self._debug_check()
 
     def reset(self) -> None:
-        """Empty the cache: every page free, every length 0 (pool size and contents untouched)."""
+        """Empty the cache: every page free, every length 0 (pool size and contents untouched). A cache
+        that shares its pool with forks returns only its own pages (:meth:`release`)."""
+        if self._pool.shared:
+            self.release()
+            return
         self._table_h.fill(-1)
         self._owned_h.fill(0)
         self._len_h.fill(0)
@@ -521,6 +597,102 @@ class PagedKVCache:
         self._reset_free_list()
         self.page_table.fill_(-1)
         self.lengths.zero_()
+
+    # ------------------------------------------------------------------ sharing (prompt reuse)
+    def fork(self) -> "PagedKVCache":
+        """A copy that shares this cache's pages: prompt reuse without storing the context twice.
+
+        The copy has its own page table, lengths and position counters and owns the same pages as
+        this cache (each page's reference count goes up by one). Either cache may then append, compact
+        or release independently: a write into a page another cache still owns (the partially filled
+        last page of a row, or the slots a compaction fills) first copies that page (copy on write),
+        so no cache ever sees another's writes. :meth:`pool_bytes_in_use` counts shared pages once;
+        :meth:`bytes_in_use` is this cache's own view (shared pages included). ``copy.deepcopy`` of a
+        cache is a fork. Pages a row owns beyond ``ceil(length / page_size)`` (reserved, empty) are not
+        shared. Free a copy with :meth:`release` (a dropped copy's pages come back when the pool would
+        otherwise grow).
+        """
+        child = object.__new__(PagedKVCache)
+        child.__dict__.update({k: v for k, v in self.__dict__.items()
+                               if k not in ("_table_h", "_owned_h", "_len_h", "_seen_h", "page_table", "lengths")})
+        need = -(-self._len_h // self.page_size)
+        child._owned_h = np.minimum(self._owned_h, need)
+        child._table_h = np.where(np.arange(self.max_pages) < child._owned_h[..., None], self._table_h, -1
+                                  ).astype(np.int32)
+        child._len_h = self._len_h.copy()
+        child._seen_h = self._seen_h.copy()
+        held = child._table_h[child._table_h >= 0].astype(np.int64)
+        np.add.at(self._pool.ref, held, 1)
+        self._pool.shared = True
+        self._pool.caches.add(child)
+        child.page_table = torch.full_like(self.page_table, -1)
+        child._upload(child.page_table, child._table_h)
+        child.lengths = self.lengths.clone()
+        child._debug_check()
+        return child
+
+    def __deepcopy__(self, memo) -> "PagedKVCache":
+        return self.fork()
+
+    def release(self) -> None:
+        """Give back every page this cache owns (pages other forks still own stay theirs) and empty it."""
+        self._len_h.fill(0)
+        self._seen_h.fill(0)
+        self._release_tail(slice(None))
+        self.lengths.zero_()
+        self._upload(self.page_table, self._table_h)
+        self._debug_check()
+
+    def pool_bytes_in_use(self) -> int:
+        """K+V bytes of the pool's pages owned by this cache or any fork sharing its pool, each page
+        counted once (pages of forks dropped without :meth:`release` count until the pool sweeps them)."""
+        return (self.num_pages - self.num_free_pages()) * self.page_bytes
+
+    def shared_pages(self) -> int:
+        """Pages this cache owns that another cache (a fork) owns too."""
+        held = self._table_h[np.arange(self.max_pages) < self._owned_h[..., None]].astype(np.int64)
+        return int((self._pool.ref[held] > 1).sum())
+
+    def _make_private(self, layer, first_slot: np.ndarray, end_slot: np.ndarray) -> None:
+        """Copy on write: every page of ``layer``'s rows holding slots ``[first_slot, end_slot)`` that
+        another cache owns too is replaced by a private copy before this cache writes into it.
+        ``layer``: an int (``first_slot``/``end_slot`` ``[batch, kv_heads]``) or ``slice(None)`` (all layers)."""
+        P = self.page_size
+        table, owned = self._table_h[layer], self._owned_h[layer]
+        cols = np.arange(self.max_pages)
+        span = (cols >= (first_slot // P)[..., None]) & (cols < (-(-end_slot // P))[..., None]) & \
+            (cols < owned[..., None]) & (end_slot > first_slot)[..., None]
+        if not span.any():
+            return
+        where = np.nonzero(span)
+        old = table[where].astype(np.int64)
+        shared = self._pool.ref[old] > 1
+        if not shared.any():
+            return
+        where = tuple(w[shared] for w in where)
+        old = old[shared]
+        if old.size > self._nfree:
+            self._grow_pool(old.size - self._nfree)
+        new = self._pop(old.size)
+        src, dst = torch.from_numpy(old).to(self.device), torch.from_numpy(new).to(self.device)
+        self.k_pages[dst] = self.k_pages[src]
+        self.v_pages[dst] = self.v_pages[src]
+        if self.pos_pages is not None:
+            self.pos_pages[dst] = self.pos_pages[src]
+        table[where] = new.astype(np.int32)
+        self._pool.ref[old] -= 1        # still >= 1: another cache owns them
+        self._upload(self.page_table, self._table_h)
+
+    def _cow_for_compaction(self, layer, kept_idx: torch.Tensor, new_len: np.ndarray) -> None:
+        """Before a compaction on a shared pool: the op writes the slots from each row's first hole
+        (first ``i`` with ``kept_idx[i] != i``) to its new length; make those pages private. Reads
+        ``kept_idx`` on the host (a sync on CUDA) only when this cache shares pages."""
+        if not self._pool.shared or self.shared_pages() == 0:
+            return
+        kept = kept_idx.cpu().numpy().astype(np.int64)
+        ident = kept == np.arange(kept.shape[-1])
+        first = np.where(ident.all(-1), kept.shape[-1], np.argmin(ident, axis=-1))
+        self._make_private(layer, np.minimum(first, new_len), new_len)
 
     # ------------------------------------------------------------------ inspection
     def gather(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
@@ -564,6 +736,20 @@ class PagedKVCache:
         every = np.concatenate([held, free])
         every = every[(every >= 0) & (every < N)]
         uses = np.bincount(every, minlength=N)
+        if self._pool.shared:
+            # forks share pages: each page is free (no owner) or owned, at most once per cache, by as many
+            # rows as its reference count says (more: a dropped fork's pages, until the pool sweeps them)
+            ref = self._pool.ref
+            owners = self._pool.owners()
+            is_free = np.bincount(free[(free >= 0) & (free < N)], minlength=N) > 0
+            mine = np.bincount(held[(held >= 0) & (held < N)], minlength=N)
+            if ref.size != N or (owners > ref).any():
+                problems.append("a page has more owners than its reference count")
+            if (is_free & (ref > 0)).any() or (~is_free & (ref == 0)).any():
+                problems.append("a page is free with owners, or neither free nor owned")
+            if (mine > 1).any():
+                problems.append(f"{int((mine > 1).sum())} page(s) owned twice in one cache")
+            uses = np.ones(N, dtype=np.int64)     # the exclusive-ownership checks below do not apply
         if (uses == 0).any():
             problems.append(f"{int((uses == 0).sum())} page(s) leaked (neither free nor owned), e.g. "
                             f"{np.nonzero(uses == 0)[0][:8].tolist()}")

@@ -20,7 +20,7 @@ and is what the integration runs before compressing.
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 Span = Tuple[int, int]
 
@@ -91,19 +91,143 @@ def find_shots(text: str, tokenizer, pattern: Union[str, "re.Pattern[str]"] = DE
     if regex.fullmatch("") is not None:
         raise ValueError("pattern must not match the empty string (every position would be a shot), "
                          f"got {regex.pattern!r}")
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("tokenizer must be a fast tokenizer (it must return an offset mapping); "
-                         f"got {type(tokenizer).__name__} with is_fast={getattr(tokenizer, 'is_fast', None)}")
+    _need_fast(tokenizer)
     enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    offsets = enc["offset_mapping"]
+    return _token_spans(enc["offset_mapping"], [(m.start(), m.end()) for m in regex.finditer(text)])
+
+
+def _token_spans(offsets, char_ranges) -> List[Span]:
+    """Token spans of character ranges: a token belongs to the range holding its first character
+    (empty-offset special tokens belong to none); ranges that hold no token start are dropped."""
     # a token's anchor is its first character; empty-offset (special) tokens have none
     starts = [(i, s) for i, (s, e) in enumerate(offsets) if e > s]
     spans: List[Span] = []
-    for m in regex.finditer(text):
-        toks = [i for i, s in starts if m.start() <= s < m.end()]
+    for c0, c1 in char_ranges:
+        toks = [i for i, s in starts if c0 <= s < c1]
         if toks:
             spans.append((toks[0], toks[-1] + 1))
     return spans
+
+
+def _need_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("tokenizer must be a fast tokenizer (it must return an offset mapping); "
+                         f"got {type(tokenizer).__name__} with is_fast={getattr(tokenizer, 'is_fast', None)}")
+
+
+#: Paragraph separator of :func:`find_paragraphs`: a blank line.
+DEFAULT_PARAGRAPH_SEPARATOR = r"\n[ \t]*\n"
+
+
+def find_paragraphs(text: str, tokenizer, separator: str = DEFAULT_PARAGRAPH_SEPARATOR, *,
+                    add_special_tokens: bool = True) -> List[Span]:
+    """Token spans of the paragraphs (passages) of a document: the stretches of ``text`` between
+    matches of ``separator`` (default: a blank line) that hold more than whitespace.
+
+    Use them as ShotKV segments to keep or drop whole passages. Tokenization and the token-to-span
+    rule are those of :func:`find_shots`; separators belong to no paragraph (they stay protected).
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not isinstance(separator, str):
+        raise TypeError(f"separator must be a str (a regular expression), got {type(separator).__name__}")
+    try:
+        regex = re.compile(separator)
+    except re.error as exc:
+        raise ValueError(f"separator is not a valid regular expression ({exc}): {separator!r}") from None
+    if regex.fullmatch("") is not None:
+        raise ValueError(f"separator must not match the empty string, got {separator!r}")
+    _need_fast(tokenizer)
+    ranges, cur = [], 0
+    for m in list(regex.finditer(text)) + [None]:
+        end = len(text) if m is None else m.start()
+        piece = text[cur:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            ranges.append((cur + lead, cur + len(piece.rstrip())))
+        if m is not None:
+            cur = m.end()
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return _token_spans(enc["offset_mapping"], ranges)
+
+
+class ChatSegments(NamedTuple):
+    """A conversation rendered by the tokenizer's chat template, cut into segments.
+
+    ``input_ids``: the prompt's token ids. ``turns``: token spans of the past turns, the segments a
+    ShotKV-style method keeps or drops whole (pass them as ``shots``). ``system``: the span of the
+    leading system message(s) or ``None``; ``current``: the span of the current turn (the last user
+    message and everything after it, the generation prompt included). Neither is a segment, so ShotKV
+    protects them, and the current turn, at the end of the prompt, is its observation window.
+    """
+
+    input_ids: List[int]
+    turns: List[Span]
+    system: Optional[Span]
+    current: Span
+
+
+def find_chat_turns(messages: Sequence[dict], tokenizer, *, unit: str = "exchange",
+                    add_generation_prompt: bool = True, **template_kwargs) -> ChatSegments:
+    """Render ``messages`` with ``tokenizer.apply_chat_template`` and find the token span of each turn.
+
+    Each message's characters are found by rendering the conversation's prefixes (``messages[:i]``):
+    the chat template must render a prefix of a conversation as a prefix of its text (the usual
+    templates do; a ``ValueError`` says when one does not). Tokens are mapped to messages by their
+    first character (:func:`find_shots`'s rule), with ``add_special_tokens=False`` (the template
+    writes its own special tokens).
+
+    Parameters
+    ----------
+    messages : list of ``{"role": ..., "content": ...}``
+        The conversation; it must end with a user message (the current turn).
+    tokenizer : a fast Hugging Face tokenizer with a chat template
+    unit : {"exchange", "message"}
+        ``"exchange"`` (default): a past turn is a user message with the assistant answer(s) after it;
+        ``"message"``: every past message is its own segment.
+    add_generation_prompt : bool
+        Passed to the template (the assistant header after the last message).
+    template_kwargs
+        Other keywords of ``apply_chat_template`` (e.g. ``chat_template=``).
+    """
+    if unit not in ("exchange", "message"):
+        raise ValueError(f"unit must be 'exchange' or 'message', got {unit!r}")
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages or \
+            not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise TypeError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"the last message must be the current user turn, got role {messages[-1]['role']!r}")
+    _need_fast(tokenizer)
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen, **template_kwargs)
+
+    text = render(messages, add_generation_prompt)
+    ends = []
+    for i in range(1, len(messages)):
+        prefix = render(messages[:i], False)
+        if not text.startswith(prefix):
+            raise ValueError(f"the chat template does not render the first {i} message(s) as a prefix of the whole "
+                             "conversation, so turns cannot be located from it")
+        ends.append(len(prefix))
+    bounds = [0] + ends + [len(text)]
+    n_sys = 0
+    while n_sys < len(messages) and messages[n_sys]["role"] == "system":
+        n_sys += 1
+    groups: List[Tuple[int, int]] = []      # message index ranges of the past turns
+    for i in range(n_sys, len(messages) - 1):
+        if unit == "message" or messages[i]["role"] == "user" or not groups:
+            groups.append((i, i + 1))
+        else:
+            groups[-1] = (groups[-1][0], i + 1)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    turns = _token_spans(offsets, [(bounds[a], bounds[b]) for a, b in groups])
+    system = _token_spans(offsets, [(0, bounds[n_sys])]) if n_sys else []
+    current = _token_spans(offsets, [(bounds[len(messages) - 1], len(text))])
+    if not current:
+        raise ValueError("the current turn renders to no token")
+    return ChatSegments(list(enc["input_ids"]), turns, system[0] if system else None, current[0])
 
 
 def validate_spans(spans, n_tokens: int, *, name: str = "shots") -> List[Span]:

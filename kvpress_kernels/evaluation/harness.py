@@ -6,8 +6,12 @@ Settings (reported apart):
   question is in the observation window), as in the ShotKV study's few-shot prompts.
 - ``query_agnostic``: the context alone is prefilled and compressed; then the question is fed through
   the compressed cache (as one multi-token step) and the answer generated — what kvpress's pipeline
-  does when the question arrives later. For methods that also compress while decoding (ShotKV's
-  decoding phase, H2O) the question's tokens then count as generated tokens.
+  does when the question arrives later. The question's tokens are prompt (an extension of the
+  compressed prefill), so a decoding phase (ShotKV's, H2O's) never evicts them.
+- ``multi_question`` (not in the default sweep): the context alone is prefilled and compressed once;
+  every question of the example (the main one, then ``multi_answer``'s follow-ups) is answered from
+  its own copy of that cache (:meth:`PagedCache.fork`: the copies share the context's pages), which
+  is released afterwards. ``kv_bytes_pool_peak`` records the most memory the context and one copy held.
 
 Every run goes through the transformers integration (:func:`kvpress_kernels.compress`); the baseline
 is the same paged path with ``method=None`` (the full cache), so that differences come from eviction
@@ -51,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .tasks import TASK_NAMES, Example, answer_line, generate_task, score
 
-SETTINGS = ("query_aware", "query_agnostic")
+SETTINGS = ("query_aware", "query_agnostic", "multi_question")
 
 
 @dataclass
@@ -60,7 +64,7 @@ class EvalConfig:
     methods: List[str] = field(default_factory=lambda: ["shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
                                                         "streamingllm", "h2o"])
     keep_ratios: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
-    settings: List[str] = field(default_factory=lambda: list(SETTINGS))
+    settings: List[str] = field(default_factory=lambda: ["query_aware", "query_agnostic"])
     n_examples: int = 20
     n_shots: Optional[int] = None
     seed: int = 0
@@ -81,8 +85,8 @@ def build_method(name: str, keep_ratio: float):
     ``shotkv`` is ShotKV's prefill phase alone (``decode_keep_ratio=1``), comparable with the other
     prefill-time methods; ``shotkv_decode`` adds its decoding phase at the same ratio. Caveat of the
     decoding phase here: tokens fed after prefill — the question in ``query_agnostic``, the follow-up
-    questions of ``multi_answer`` — reach the cache through the decode path and count as *generated*
-    tokens, so ShotKV's decoding phase may evict them (the integration has no "more prompt" call).
+    questions of ``multi_answer`` — are prompt tokens (multi-token forwards extend the prompt, see
+    docs/METHODS.md "Sessions"), so the decoding phase compresses only the generated answers.
     """
     from .. import methods as M
 
@@ -182,6 +186,24 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
     t0 = time.perf_counter()
     with torch.no_grad(), compress(model, method, shots=[prep.shots], backend=backend) as session:
         cache = session.new_cache(max_new_tokens=ex.max_new_tokens + prep.q_ids.shape[1] + extra)
+        if setting == "multi_question":
+            model(input_ids=prep.ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            texts, n_new, lp, peak, stats = [], 0, None, 0, {}
+            for question in [ex.question] + [q for q, _ in ex.turns]:
+                copy = cache.fork()                      # shares the compressed context's pages
+                ids = torch.tensor([tok(question, add_special_tokens=False)["input_ids"]])
+                out = model(input_ids=ids, past_key_values=copy, use_cache=True, logits_to_keep=1)
+                new, _, step_logits = _turn(model, tok, copy, out.logits[0, -1].float(), ex.max_new_tokens, eos, 1)
+                if lp is None:
+                    lp = torch.log_softmax(step_logits[0], -1)
+                    copy.finish()
+                    stats = copy.stats()
+                peak = max(peak, copy.kv.pool_bytes_in_use())
+                texts.append(tok.decode(new, skip_special_tokens=True))
+                n_new += len(new)
+                copy.release()
+            stats["kv_bytes_pool_peak"] = peak
+            return RunOutput(texts, n_new, lp, stats, time.perf_counter() - t0)
         if setting == "query_aware":
             out = model(input_ids=torch.cat([prep.ctx_ids, prep.q_ids], 1), past_key_values=cache, use_cache=True,
                         logits_to_keep=1)

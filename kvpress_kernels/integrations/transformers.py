@@ -39,6 +39,7 @@ tiny configs in tests/test_model_families.py): see the README. Works on transfor
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional
@@ -232,6 +233,9 @@ class PagedCache(MaxLengthCompat, Cache):
         self.info: Optional[GenerationInfo] = None
         self._seen = 0                # positions processed, padding included (what transformers counts)
         self._generated = 0           # decoding tokens appended per sequence
+        self._extended = 0            # prompt tokens fed after the compressed prefill, per sequence
+        self._ext_ranges: List[tuple] = []   # their (start, end) offsets past each prompt (one per extension)
+        self._next_is_prompt = False  # the next forward continues the prompt (the first of a generate call)
         self._prefilled = [False] * self.spec.num_layers
         self._pack_idx: Optional[torch.Tensor] = None
         self._prompt_lengths: Optional[np.ndarray] = None
@@ -274,10 +278,21 @@ class PagedCache(MaxLengthCompat, Cache):
                                  f"{None if self.kv is None else self.kv.batch_size} sequences")
             self.kv.append(layer, key_states, value_states)      # strided views: the op takes strides
             if layer == 0:
-                self._generated += T
+                # Prompt extension (a later question, the next chat turn) is prompt, not generated tokens:
+                # the first forward of a generate() call on a prefilled cache, and any multi-token forward.
+                if T > 1 or self._next_is_prompt:
+                    start = self._extended + self._generated
+                    if self._ext_ranges and self._ext_ranges[-1][1] == start:
+                        self._ext_ranges[-1] = (self._ext_ranges[-1][0], start + T)
+                    else:
+                        self._ext_ranges.append((start, start + T))
+                    self._extended += T
+                else:
+                    self._generated += T
             phase = "decode"
         if layer == 0:
             self._seen += T
+            self._next_is_prompt = False
         _STATE.pending = (self, layer, phase)
         return key_states, value_states
 
@@ -302,7 +317,43 @@ class PagedCache(MaxLengthCompat, Cache):
         self.kv = None
         self._seen = 0
         self._generated = 0
+        self._extended = 0
+        self._ext_ranges = []
+        self._next_is_prompt = False
         self._prefilled = [False] * self.spec.num_layers
+
+    # -------------------------------------------------------------- prompt reuse
+    def fork(self) -> "PagedCache":
+        """A copy of this (prefilled, compressed) cache that shares its pages: the transformers way of
+        prompt reuse (``copy.deepcopy(cache)`` is the same call). The copy continues with
+        ``model.generate(full_ids, past_key_values=copy, ...)`` where ``full_ids`` is the context
+        followed by the new tokens, which are prompt tokens (never evicted by a decoding phase). The
+        context is stored once (:meth:`PagedKVCache.pool_bytes_in_use`); a copy's own pages (its new
+        tokens, and the pages it had to copy before writing into them) go back with :meth:`release`.
+        The method's per-generation state (e.g. H2O's accumulated scores) is copied too."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        memo: Dict[int, Any] = {id(self.spec): self.spec}
+        new.method = copy.deepcopy(self.method, memo)
+        new.info = copy.deepcopy(self.info, memo)
+        new.layers = [_LayerView(new, i) for i in range(self.spec.num_layers)]
+        new._prefilled = list(self._prefilled)
+        new._ext_ranges = list(self._ext_ranges)
+        new._compress_spans = list(self._compress_spans)
+        for name in ("_prompt_lengths", "lengths_after_prefill"):
+            if getattr(self, name) is not None:
+                setattr(new, name, getattr(self, name).copy())
+        new.kv = None if self.kv is None else self.kv.fork()
+        return new
+
+    def __deepcopy__(self, memo) -> "PagedCache":
+        return self.fork()
+
+    def release(self) -> None:
+        """Give this cache's pages back (pages a fork still owns stay with it) and forget everything."""
+        if self.kv is not None:
+            self.kv.release()
+        self.reset()
 
     def _unsupported(self, what: str):
         raise NotImplementedError(f"PagedCache does not support {what} (beam search, assisted or contrastive "
@@ -420,9 +471,11 @@ class PagedCache(MaxLengthCompat, Cache):
             pos = kv.pos_pages.index_select(0, table.reshape(-1).long().clamp(min=0)).view(B, H, S)
             live = torch.arange(S, device=pos.device).view(1, 1, S) < lengths.unsqueeze(-1)
             positions = torch.where(live, pos, -1)
-            seen = self._prompt_lengths + self._generated
+            seen = self._prompt_lengths + self._extended + self._generated
             inputs = DecodeInputs(layer=layer, generated=self._generated, probs=probs, positions=positions,
-                                  lengths=lengths, lengths_host=kv.seq_lengths(layer), seen_host=seen, info=self.info)
+                                  lengths=lengths, lengths_host=kv.seq_lengths(layer), seen_host=seen, info=self.info,
+                                  extended_host=np.full_like(self._prompt_lengths, self._extended),
+                                  extended_ranges=np.asarray(self._ext_ranges, dtype=np.int64).reshape(-1, 2))
             ev = self.method.decode(inputs)
             if ev is not None:
                 kv.compact(layer, ev.kept_idx, new_lengths=ev.new_lengths)
@@ -452,7 +505,7 @@ class PagedCache(MaxLengthCompat, Cache):
         if kv is None:
             return out
         L, H = self.spec.num_layers, self.spec.num_kv_heads
-        full_tokens = self._prompt_lengths + self._generated                                # per sequence
+        full_tokens = self._prompt_lengths + self._extended + self._generated                                # per sequence
         pages_full = L * H * int((-(-full_tokens // kv.page_size)).sum())
         out.update({
             "kv_bytes_full": pages_full * kv.page_bytes,
@@ -464,6 +517,8 @@ class PagedCache(MaxLengthCompat, Cache):
             "kv_tokens_final": int(kv.seq_lengths().sum()),
             "prompt_lengths": [int(n) for n in self._prompt_lengths],
             "generated_tokens": self._generated,
+            "extended_prompt_tokens": self._extended,
+            "kv_bytes_pool": kv.pool_bytes_in_use(),
             "prefill_s": ((self._t_decode0 or end) - self._t_prefill0) if self._t_prefill0 else 0.0,
             "compress_s": sum(sp.elapsed() for sp in self._compress_spans),
             "decode_s": (end - self._t_decode0) if self._t_decode0 else 0.0,
@@ -569,6 +624,9 @@ class CompressionSession:
         elif cache.spec.module_ids != _ModelSpec(model).module_ids:
             raise ValueError("past_key_values is a PagedCache built for another model: a cache cannot be used "
                              "across models")
+        if cache.kv is not None:   # a prefilled cache (prompt reuse): the new tokens are prompt
+            _check_extension(cache, input_ids, kwargs.get("attention_mask"))
+            cache._next_is_prompt = True
         self.cache = cache
         try:
             out = type(model).generate(model, *args, **{cache_kwarg(model): cache}, **kwargs)
@@ -577,6 +635,19 @@ class CompressionSession:
         cache.finish()
         self.stats = cache.stats()
         return out
+
+
+def _check_extension(cache: PagedCache, input_ids, attention_mask) -> None:
+    """Prompt reuse: ``input_ids`` must be the cached context (``cache.get_seq_length()`` positions,
+    padding included) followed by new tokens, none of them padding (a ragged extension would need
+    padding inside the sequence, which the paged cache does not store)."""
+    seen = cache.get_seq_length()
+    if input_ids is not None and input_ids.shape[1] <= seen:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions but the cache already holds {seen}: pass "
+                         "the context followed by the new tokens")
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask[:, seen:].all()):
+        raise ValueError("attention_mask pads some of the new tokens after the cached context: every sequence "
+                         "must continue with the same number of real tokens")
 
 
 @contextlib.contextmanager

@@ -137,7 +137,15 @@ class DecodeInputs:
     lengths : Tensor ``[B, Hkv]`` int32 (device) and lengths_host : ndarray ``[B, Hkv]`` (host)
         Tokens held per row.
     seen_host : ndarray ``[B]``
-        Tokens of each sequence so far (``prompt_len + generated``).
+        Tokens of each sequence so far (``prompt_len + extended + generated``).
+    extended_host : ndarray ``[B]`` or None
+        Prompt tokens fed after the compressed prefill (a later question, the next chat turn: prompt
+        reuse), at positions ``prompt_len .. prompt_len + extended - 1``. They are prompt, not
+        generated tokens: a decoding-phase policy never evicts them. ``None``: none.
+    extended_ranges : ndarray ``[R, 2]`` or None
+        Where they sit: position ranges ``[prompt_len + start, prompt_len + end)`` of each sequence, one
+        per extension (a multi-turn session interleaves them with generated answers). ``None``: one
+        range right after the prompt, ``extended_host`` long.
     """
 
     layer: int
@@ -148,6 +156,33 @@ class DecodeInputs:
     lengths_host: np.ndarray
     seen_host: np.ndarray
     info: GenerationInfo
+    extended_host: Optional[np.ndarray] = None
+    extended_ranges: Optional[np.ndarray] = None
+
+    def prompt_host(self) -> np.ndarray:
+        """``[B]`` prompt tokens per sequence, the extension included: positions below it are prompt."""
+        base = np.asarray(self.info.prompt_lengths, dtype=np.int64)
+        return base if self.extended_host is None else base + np.asarray(self.extended_host, dtype=np.int64)
+
+    def extended_count(self) -> np.ndarray:
+        """``[B]`` extended prompt tokens per sequence (0 without prompt reuse)."""
+        return self.prompt_host() - np.asarray(self.info.prompt_lengths, dtype=np.int64)
+
+    def extended_mask(self) -> torch.Tensor:
+        """``[B, Hkv, S]`` bool: the slots holding extended prompt tokens (never evicted while decoding)."""
+        pos = self.positions.long()
+        base = np.asarray(self.info.prompt_lengths, dtype=np.int64)
+        ranges = self.extended_ranges
+        if ranges is None:
+            ext = self.extended_count()
+            ranges = np.asarray([[0, int(ext.max())]] if ext.size and ext.max() > 0 else [], dtype=np.int64)
+        out = torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
+        if len(ranges) == 0:
+            return out
+        rel = pos - to_device(base, pos.device).view(-1, 1, 1)
+        for s, e in np.asarray(ranges).reshape(-1, 2):
+            out |= (rel >= int(s)) & (rel < int(e)) & (pos >= 0)
+        return out
 
 
 @dataclass

@@ -155,8 +155,11 @@ class H2O(CompressionMethod):
         if self.normalize == "queries":  # the prefill scores are group means: add the step's group mean too
             step = step / (info.num_heads // info.num_kv_heads)
         acc.scatter_add_(2, idx, torch.where(valid, step, 0.0))
-        budgets = [self.budget(int(t)) for t in inputs.seen_host]
-        new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
+        # prompt tokens fed after the compressed prefill (prompt reuse) are kept outside the budget
+        ext = inputs.extended_count()
+        budgets = [self.budget(int(t - e)) for t, e in zip(inputs.seen_host, ext)]
+        own = [int(e) + b for e, b in zip(ext, budgets)]
+        new_len = np.minimum(inputs.lengths_host, np.asarray(own, dtype=np.int64)[:, None])
         if (new_len == inputs.lengths_host).all():
             return None
         scores = torch.where(valid, acc.gather(2, idx), 0.0)
@@ -164,7 +167,7 @@ class H2O(CompressionMethod):
             seen_by = (to_device(inputs.seen_host, dev, torch.float32).view(B, 1, 1) - pos.float()).clamp(min=1.0)
             scores = scores / seen_by
         start = to_device([int(t) - max(1, self._recent(b)) for t, b in zip(inputs.seen_host, budgets)], dev)
-        protect = valid & (pos >= start.view(B, 1, 1))
+        protect = valid & ((pos >= start.view(B, 1, 1)) | inputs.extended_mask())
         bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
@@ -212,7 +215,8 @@ class TOVA(CompressionMethod):
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
         if not self.needs_decode_probs or inputs.probs is None:
             return None
-        budgets = [self.budget(int(t)) for t in inputs.seen_host]
+        ext = inputs.extended_count()        # prompt extension (prompt reuse): kept outside the budget
+        budgets = [self.budget(int(t - e)) + int(e) for t, e in zip(inputs.seen_host, ext)]
         new_len = np.minimum(inputs.lengths_host, np.asarray(budgets, dtype=np.int64)[:, None])
         if (new_len == inputs.lengths_host).all():
             return None
@@ -220,7 +224,7 @@ class TOVA(CompressionMethod):
         dev = inputs.probs.device
         scores = shared_scores_by_position(inputs.probs, inputs.positions, int(inputs.seen_host.max()))
         newest = to_device(inputs.seen_host.astype(np.int64) - 1, dev).view(B, 1, 1)
-        protect = inputs.positions.long() == newest
+        protect = (inputs.positions.long() == newest) | inputs.extended_mask()
         bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),

@@ -216,7 +216,8 @@ class ShotKV(CompressionMethod):
         info = inputs.info
         g = int(inputs.generated)
         budget_gen = budget_tokens(self.decode_keep_ratio, g)
-        pre = self._prefill_kept[inputs.layer]                                            # [B]
+        # the compressed prefill plus any prompt extension (prompt reuse) is frozen: never evicted here
+        pre = self._prefill_kept[inputs.layer] + inputs.extended_count()
         held_gen = inputs.lengths_host - pre[:, None]                                     # [B, Hkv]
         if (held_gen <= budget_gen).all():
             return None
@@ -229,6 +230,8 @@ class ShotKV(CompressionMethod):
         pos = inputs.positions.long()
         # the frozen prefill cache and the most recent generated tokens
         protect = (pos >= 0) & ((pos < bounds[0]) | (pos >= bounds[1]))
+        if inputs.extended_host is not None:
+            protect |= inputs.extended_mask()
         new_len = pre[:, None] + np.minimum(held_gen, budget_gen)                         # [B, Hkv]
         bud = to_device(new_len.reshape(-1), dev)
         _, kept = select_topk(scores.reshape(B * Hkv, S), bud, lengths=inputs.lengths.reshape(-1).to(torch.int64),
