@@ -72,7 +72,7 @@ VENV_LATEST         ?= .venv-latest
 PY_LATEST           := $(VENV_LATEST)/bin/python
 STAMP_LATEST        := $(VENV_LATEST)/.installed
 TRANSFORMERS_LATEST ?= transformers
-TRANSFORMERS_TESTS  := tests/test_transformers_integration.py tests/test_model_families.py tests/test_methods.py \
+TRANSFORMERS_TESTS  := tests/test_transformers_integration.py tests/test_model_families.py tests/test_methods.py tests/test_sessions.py \
                        tests/test_smollm2.py
 
 .PHONY: test-latest

@@ -831,3 +831,12 @@ def test_methods_on_product_path_match_kvpress_on_smollm2(smollm2):
     assert len(theirs) == model.config.num_hidden_layers
     for layer in theirs:
         assert torch.equal(ours[layer], theirs[layer]), layer
+
+
+# moved from test_methods.py: it needs kvpress, which the newest-transformers CI env has not
+@pytest.mark.parametrize("ratio,n", [(0.5, 97), (0.3, 10), (0.77, 333), (0.13, 1001), (0.999, 5)])
+def test_budget_rounding_floor_is_kvpress(ratio, n):
+    from kvpress.utils import compute_n_kept
+
+    from kvpress_kernels.methods import budget_tokens
+    assert budget_tokens(1 - ratio, n, "floor") == compute_n_kept(n, ratio)

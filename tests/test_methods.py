@@ -653,11 +653,10 @@ def test_shotkv_plan_is_built_once_per_generation(monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio,n", [(0.5, 97), (0.3, 10), (0.77, 333), (0.13, 1001), (0.999, 5)])
-def test_budget_rounding_floor_is_kvpress(ratio, n):
-    from kvpress.utils import compute_n_kept
-    cr = ratio
-    assert budget_tokens(1 - cr, n, "floor") == compute_n_kept(n, cr)
-    assert budget_tokens(1 - cr, n) == min(n, max(1, math.ceil(round((1 - cr) * n, 9))))
+def test_budget_rounding_ceil_default(ratio, n):
+    # the "floor" rounding against kvpress's own compute_n_kept: tests/test_kvpress_parity.py (kvpress is
+    # not installed in the newest-transformers CI env, which runs this file)
+    assert budget_tokens(1 - ratio, n) == min(n, max(1, math.ceil(round((1 - ratio) * n, 9))))
 
 
 def test_kvpress_constructors_set_the_documented_options():
