@@ -307,9 +307,11 @@ if triton is not None:
 def launch_config(N: int, K: int, H: int) -> dict:
     """Constexpr parameters and warps the launcher picks for ``_head_budget_kernel``."""
     block = min(max(triton.next_power_of_2(max(N, K, 1)), 256), _MAX_BLOCK)
-    # warps per tile size: ptxas (CUDA 12.8, sm_90) spills a few bytes at BLOCK 256 with 4 or 8 warps
-    # and at BLOCK 512 with 2; these choices compile without spills (48-72 registers)
-    warps = 2 if block <= 256 else 4 if block <= 512 else 8
+    # warps per tile size, from the compile check under both Triton versions (sm_80/sm_90): Triton 3.9
+    # spills a few bytes at BLOCK 256 with 4 or 8 warps and at BLOCK 512 with 2; Triton 3.6 (the GPU
+    # machine's) also at BLOCK 256 with 2 and BLOCK 512 with 4. These compile without spills under both
+    # (48-128 registers).
+    warps = 1 if block <= 256 else 8
     return dict(BLOCK=block, HB=max(triton.next_power_of_2(max(H, 1)), 16), num_warps=warps)
 
 
