@@ -289,7 +289,8 @@ class _MethodPress(_PrefillAware):
         return True
 
     def _build_method(self) -> CompressionMethod:
-        raise NotImplementedError
+        # abstract hook: every concrete press returns its CompressionMethod (with the kvpress options)
+        raise NotImplementedError(f"{type(self).__name__} must define _build_method() returning its CompressionMethod")
 
     def _shots(self, B: int, n_ctx: int):
         return None
