@@ -27,7 +27,8 @@ PROG = "kvpress-kernels"
 METHOD_NAMES = ("full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o",
                 "adakv")
 #: Benchmark scripts, in the order they run (``benchmarks/bench_<name>.py``).
-BENCH_NAMES = ("end_to_end", "scoring", "selection", "segments", "compaction", "append", "decode_attention")
+BENCH_NAMES = ("end_to_end", "scoring", "selection", "segments", "compaction", "block_compaction", "append",
+               "decode_attention", "adakv")
 
 
 class CliError(Exception):
