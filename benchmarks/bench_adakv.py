@@ -20,7 +20,6 @@ indices it stores). Same kept sets (tests/test_adakv.py checks parity); only whe
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -90,9 +89,7 @@ def _memory_rows(ctx: BenchContext) -> list[dict]:
         for keep in (0.3, 0.5):
             case = {"prompt_tokens": n, "keep": keep, "layers": 4, "kv_heads": 4}
             base = {"op": "adakv_memory", **case, "case": f"prompt_tokens={n} keep={keep}",
-                    "case_keys": ",".join(case), "status": "ok", "note": "", "median_ms": math.nan,
-                    "p20_ms": math.nan, "p80_ms": math.nan, "gbps": math.nan, "pct_copy_bw": math.nan,
-                    "peak_extra_bytes": math.nan}
+                    "case_keys": ",".join(case), "status": "ok", "note": "", "kind": "memory"}
             _, st = kk.generate(model, ids, kk.AdaKV(keep, alpha=ALPHA, window_size=WINDOW), max_new_tokens=1,
                                 page_size=16)
             rows.append({**base, "provider": "ours", "kv_bytes": st["kv_bytes_after_prefill"],

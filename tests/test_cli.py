@@ -97,14 +97,19 @@ def test_bench_quick_writes_results(tmp_path, capsys):
     meta, rows = data["meta"], data["rows"]
     for key in ("device", "torch", "triton", "commit"):
         assert meta[key]
-    ops = {r["op"] for r in rows}
-    assert {"end_to_end", "compaction", "selection", "append", "decode_attention"} <= ops
-    ok = [r for r in rows if r["status"] == "ok"]
+    # memory rows (bytes in use, no timing) are their own kind; every other row is a timing row
+    memory = [r for r in rows if r.get("kind") == "memory"]
+    assert memory and all(r["kv_bytes"] > 0 and "median_ms" not in r for r in memory if r["status"] == "ok")
+    timing = [r for r in rows if r.get("kind") != "memory"]
+    ops = {r["op"] for r in timing}
+    assert {"end_to_end", "compaction", "block_compaction", "selection", "append", "decode_attention",
+            "adakv_select"} <= ops
+    ok = [r for r in timing if r["status"] == "ok"]
     assert ok and all(r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] + 1e-9 for r in ok)
     # the reference path is measured for every op; Triton is skipped on CPU and says why
     for op in ops - {"scoring"}:
-        assert any(r["op"] == op and r["provider"] == "reference" and r["status"] == "ok" for r in rows), op
-    assert all(r["status"] == "skipped" and "interpreter" in r["note"] for r in rows if r["provider"] == "triton")
+        assert any(r["op"] == op and r["provider"] == "reference" and r["status"] == "ok" for r in timing), op
+    assert all(r["status"] == "skipped" and "interpreter" in r["note"] for r in timing if r["provider"] == "triton")
     # peers side by side, with ratios
     e2e = {r["provider"]: r for r in rows if r["op"] == "end_to_end"}
     assert e2e["kvpress"]["status"] == "ok"
