@@ -361,3 +361,256 @@ def test_harness_multi_question_answers_each_question_from_a_copy():
         alone = dataclasses.replace(ex, question=question, turns=[])
         single = run_once(model, tok, prepare(alone, tok), build_method("shotkv_decode", 0.5), "query_agnostic")
         assert single.texts[0] == multi.texts[i]
+
+
+# ------------------------------------------------------------------ re-compressing a filled cache (past turns as segments)
+from kvpress_kernels import sessions as S  # noqa: E402
+
+SHOTS = [[(1, 20), (20, 40), (40, 60), (60, 80)], [(0, 16), (16, 32), (32, 48), (48, 64)]]
+
+
+def _extended_cache(model, session, seed=3, n_ext=12, window=64):
+    """Context (prefill-compressed by the session's method), then ``n_ext`` tokens fed as prompt."""
+    ids, mask, _ = context()
+    cache = session.new_cache()
+    S.record_queries(cache, window)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        model(torch.randint(3, 97, (2, n_ext), generator=g), **{cache_kwarg(model): cache})
+    return cache
+
+
+def _by_position(c, layer):
+    """{(b, h): {position: (k, v)}} of one layer."""
+    k, v, lengths, pos = c.gather(layer)
+    out = {}
+    for b in range(c.batch_size):
+        for h in range(c.num_kv_heads):
+            out[b, h] = {int(pos[b, h, i]): (k[b, h, i].clone(), v[b, h, i].clone()) for i in range(int(lengths[b, h]))}
+    return out
+
+
+def _shotkv_reference(before, cache, segments, keep_ratio, policy):
+    """Positions each (layer, seq) keeps: ShotKV over the held tokens in plain fp64 PyTorch. Token score =
+    attention mass from the window (the held tokens after the last segment, their recorded queries), summed
+    over all query heads; segment score = mean over its held tokens; non-segment tokens protected; greedy
+    by score (``policy``) under ceil(keep_ratio * conversation length)."""
+    import math
+    qw = cache.query_window
+    seen = S.conversation_lengths(cache)
+    G = cache.spec.num_heads // cache.spec.num_kv_heads
+    out = {}
+    for layer, rows in enumerate(before):
+        for b in range(cache.kv.batch_size):
+            held = sorted(rows[b, 0])
+            budget = min(len(held), math.ceil(round(keep_ratio * int(seen[b]), 9)))
+            if budget >= len(held):
+                out[layer, b] = set(held)
+                continue
+            segs = [[p for p in held if s <= p < e] for s, e in segments[b]]
+            segs = [sg for sg in segs if sg]
+            tail = [p for p in held if p >= (segs[-1][-1] + 1 if segs else 0)]
+            W = len(tail)
+            q = qw.last(layer, W)[b].double()                                        # [Hq, W, D]
+            keys = torch.stack([torch.stack([rows[b, h][p][0] for p in held]) for h in range(cache.kv.num_kv_heads)])
+            keys = keys.double().repeat_interleave(G, 0)                             # [Hq, n, D]
+            logits = torch.einsum("hwd,hnd->hwn", q, keys) * qw.scale[layer]
+            causal = torch.tensor(held).view(1, 1, -1) <= torch.tensor(tail).view(1, -1, 1)
+            p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+            tok = dict(zip(held, p.sum((0, 1)).tolist()))
+            in_seg = {x for sg in segs for x in sg}
+            kept = {x for x in held if x not in in_seg}
+            room = budget - len(kept)
+            for sg in sorted(segs, key=lambda sg: -sum(tok[x] for x in sg) / len(sg)):
+                if len(sg) <= room:
+                    kept |= set(sg)
+                    room -= len(sg)
+                elif policy == "stop":
+                    break
+            out[layer, b] = kept
+    return out
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_recompress_keeps_whole_segments_like_the_reference_and_frees_pages(policy, monkeypatch):
+    monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0, policy=policy), shots=SHOTS, page_size=4) as session:
+        cache = _extended_cache(model, session)
+    kv = cache.kv
+    before = [_by_position(kv, layer) for layer in range(kv.num_layers)]
+    segments = SHOTS                                  # positions over the whole cached sequence
+    want = _shotkv_reference(before, cache, segments, 0.5, policy)
+    pool_before = kv.pool_bytes_in_use()
+    rep = S.recompress(cache, keep_ratio=0.5, segments=segments)
+    kv.check_invariants()
+    assert rep["pool_pages_freed"] > 0 and kv.pool_bytes_in_use() == pool_before - rep["pool_pages_freed"] * kv.page_bytes
+    dropped = 0
+    for layer in range(kv.num_layers):
+        after = _by_position(kv, layer)
+        for (b, h), toks in after.items():
+            assert set(toks) == want[layer, b], f"layer {layer} seq {b} head {h}"
+            for p, (k, v) in toks.items():                     # data movement exact
+                assert torch.equal(k, before[layer][b, h][p][0]) and torch.equal(v, before[layer][b, h][p][1])
+            held_before = set(before[layer][b, h])
+            for s, e in segments[b]:
+                seg = held_before & set(range(s, e))
+                assert seg & set(toks) in (set(), seg), f"segment {(s, e)} split"
+                dropped += bool(seg) and not (seg & set(toks))
+            in_seg = {x for s, e in segments[b] for x in range(s, e)}
+            assert {x for x in held_before if x not in in_seg} <= set(toks)    # protected: never evicted
+    assert dropped > 0
+
+
+def test_recompress_a_fork_copies_on_write_and_leaves_the_parent_alone(monkeypatch):
+    monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0, policy="skip"), shots=SHOTS, page_size=4) as session:
+        parent = _extended_cache(model, session)
+        twin = _extended_cache(model, session)         # the same, never forked: the oracle
+    snap = _snapshot(parent.kv)
+    child = copy.deepcopy(parent)
+    pool = parent.kv.pool_bytes_in_use()
+    S.recompress(child, keep_ratio=0.5, segments=SHOTS)
+    S.recompress(twin, keep_ratio=0.5, segments=SHOTS)
+    _same(_snapshot(parent.kv), snap)                  # never written through the fork
+    _same(_snapshot(child.kv), _snapshot(twin.kv))
+    assert child.kv.bytes_in_use() < parent.kv.bytes_in_use()
+    assert parent.kv.pool_bytes_in_use() <= pool + child.kv.pages_in_use() * parent.kv.page_bytes
+    parent.kv.check_invariants()
+    child.release()
+    assert parent.kv.pool_bytes_in_use() == parent.kv.bytes_in_use()
+    _same(_snapshot(parent.kv), snap)
+
+
+def test_rejected_recompress_changes_nothing():
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0), shots=SHOTS, page_size=4) as session:
+        cache = _extended_cache(model, session, window=8)
+    kv = cache.kv
+    snap, pool, state = _snapshot(kv), kv.pool_bytes_in_use(), (cache._extended, cache._generated, list(cache._ext_ranges))
+    bad = [
+        (dict(segments=[[(0, 10), (5, 20)], [(0, 4)]]), ValueError, "overlap"),
+        (dict(segments=[[(0, 500)], [(0, 4)]]), ValueError, "out of range"),
+        (dict(segments=SHOTS[0]), ValueError, "one per sequence"),
+        (dict(segments=SHOTS, keep_ratio=1.5), ValueError, "keep_ratio"),
+        (dict(segments=SHOTS), ValueError, "longer query window"),        # ShotKV's window: 28 > 8 recorded
+        (dict(segments=None), ValueError, "shots must be given"),
+        (dict(method=kk.H2O(0.3)), ValueError, "longer query window"),    # H2O needs every query
+        (dict(method=kk.ShotKV), TypeError, "CompressionMethod"),
+    ]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            S.recompress(cache, **{"keep_ratio": 0.5, **kw})
+        _same(_snapshot(kv), snap)
+        assert kv.pool_bytes_in_use() == pool
+        assert (cache._extended, cache._generated, cache._ext_ranges) == state
+    # a query-free method needs no window
+    S.recompress(cache, kk.StreamingLLM(0.5, n_sink=2))
+    assert kv.pool_bytes_in_use() < pool
+
+
+def test_evict_primitive_exact_and_checked():
+    c, _ = _filled(L=2, B=2, H=2, n=11)
+    _evict_every_third(c, 0)                           # row lengths differ, slots out of position order later
+    before = [_by_position(c, layer) for layer in range(2)]
+    lengths = c.seq_lengths()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 2, 2, 12, generator=g) < 0.5
+    mask &= torch.arange(12).view(1, 1, 1, 12) < torch.from_numpy(lengths).unsqueeze(-1)
+    snap, pool = _snapshot(c), c.pool_bytes_in_use()
+    kept_idx = S.kept_from_keep_mask(mask)
+    for keep, match in [(kept_idx.flip(-1), "first|ascending"), (mask.int() * 20, "ascending|beyond|first"),
+                        (torch.ones(2, 2, 2, 12, dtype=torch.bool), "holds only"), (kept_idx[0], "dimensions"),
+                        (kept_idx.float(), "dtype")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            S.evict(c, keep)
+        _same(_snapshot(c), snap)
+        assert c.pool_bytes_in_use() == pool
+    twin = copy.deepcopy(c)
+    rep = S.evict(c, mask)
+    S.evict(twin, kept_idx)
+    _same(_snapshot(c), _snapshot(twin))
+    assert rep["tokens_after"] == int(mask.sum())
+    for layer in range(2):
+        after = _by_position(c, layer)
+        p0 = snap[layer][3]
+        for (b, h), toks in after.items():
+            want = {int(p0[b, h, s]) for s in mask[layer, b, h].nonzero().flatten().tolist()}
+            assert set(toks) == want
+            for p, (k, v) in toks.items():
+                assert torch.equal(k, before[layer][b, h][p][0]) and torch.equal(v, before[layer][b, h][p][1])
+    c.check_invariants()
+
+
+def test_query_window_records_the_queries_the_model_computes():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_llama()
+    ids, mask, questions = context()
+    mask = torch.ones_like(mask)          # no padding: the plain forward below then sees the same positions
+    seen_q = {}
+
+    def capture(module, query, *args, **kwargs):
+        seen_q[module.layer_idx] = query.detach().clone()
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    AttentionInterface.register("i14m_capture", capture)
+    # the full cache: with eviction, later layers' queries would differ from a plain forward's
+    with kk.compress(model, None, page_size=4) as session:
+        cache = session.new_cache()
+        S.record_queries(cache, 10)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        a = answer(model, cache, ids, mask, questions[0], max_new_tokens=4)   # 5-token extension, 3 steps
+    # the fed tokens: context, question, the 3 generated tokens fed back (the last answer token is not fed)
+    seqs = torch.cat([ids, questions[0], a[:, :-1]], 1)
+    prev = model.config._attn_implementation
+    model.config._attn_implementation = "i14m_capture"
+    try:
+        with torch.no_grad():
+            model(seqs, attention_mask=torch.cat([mask, torch.ones(2, seqs.shape[1] - 96, dtype=torch.long)], 1))
+    finally:
+        model.config._attn_implementation = prev
+    qw = cache.query_window
+    for layer in range(2):
+        assert qw.available(layer, 2).tolist() == [10, 10]
+        got, want = qw.last(layer, 10), seen_q[layer][:, :, -10:]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a fork has its own copy
+    f = cache.fork()
+    f.query_window.record(0, torch.ones(2, 4, 1, 16), 0.25)
+    torch.testing.assert_close(qw.last(0, 10), seen_q[0][:, :, -10:], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_phase_after_recompress_compresses_only_the_next_answer():
+    model = tiny_llama()
+    method = kk.ShotKV(0.8, decode_keep_ratio=0.3, decode_recent=1, policy="skip")
+    ids, mask, _ = context()
+    with kk.compress(model, method, shots=SHOTS, page_size=4) as session:
+        cache = session.new_cache()
+        S.record_queries(cache, 64)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        q1 = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+        a1 = answer(model, cache, ids, mask, q1, max_new_tokens=8)             # answer 1: decoding phase runs
+        q2 = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+        ids2, mask2 = full(ids, mask, torch.cat([q1, a1, q2], 1))
+        with torch.no_grad():                                                 # feed turn 2 (all but its last token)
+            model(ids2[:, 96 + 12 + 7:-1], **{cache_kwarg(model): cache})
+        segs = [SHOTS[0] + [(96, 96 + 12 + 8)], SHOTS[1] + [(80, 80 + 12 + 8)]]
+        S.recompress(cache, keep_ratio=0.5, segments=segs)
+        held = [_by_position(cache.kv, layer) for layer in range(2)]
+        a2 = answer(model, cache, ids2[:, :-1], mask2[:, :-1], ids2[:, -1:], max_new_tokens=10)
+    stats = cache.stats()
+    assert stats["generated_tokens"] == 9                                       # this answer's only
+    prompt = np.asarray(stats["prompt_lengths"])
+    for layer in range(2):
+        after = _by_position(cache.kv, layer)
+        for (b, h), toks in after.items():
+            assert set(held[layer][b, h]) <= set(toks)                          # nothing kept is evicted later
+            start = int(prompt[b]) + 12 + 8 + 9                                 # this answer's first position
+            gen = {p for p in toks if p >= start}
+            assert len(gen) == kk.methods.budget_tokens(0.3, 9)
