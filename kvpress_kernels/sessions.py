@@ -39,6 +39,7 @@ pseudo-prompt indices map back to slots and one :func:`evict` applies every laye
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -273,7 +274,8 @@ def recompress(cache, method: Optional[CompressionMethod] = None, *, keep_ratio:
     -------
     dict
         :func:`evict`'s report plus ``budgets`` (per sequence), ``kept`` (``[layers, batch, kv_heads]``
-        tokens held afterwards, a list) and ``window`` (recorded queries used per sequence, a list).
+        tokens held afterwards, a list), ``window`` (recorded queries used per sequence, a list) and
+        ``over_budget`` (the (layer, sequence) rows whose protected tokens alone exceeded the budget).
 
     After the eviction the cache's bookkeeping is rebased: every token fed or generated so far becomes
     prompt (``DecodeInputs.extended_ranges`` covers them, ``generated`` restarts at 0), so a decoding
@@ -371,7 +373,10 @@ def recompress(cache, method: Optional[CompressionMethod] = None, *, keep_ratio:
                 kept[layer, b, h, :len(r)] = r
     report = evict(kv, torch.from_numpy(kept).to(kv.device))
     _rebase(cache)
-    report.update({"budgets": budgets.tolist(), "kept": kv.seq_lengths().tolist(), "window": used_window.tolist()})
+    after = kv.seq_lengths()
+    over = [(layer, b) for layer in range(L) for b in range(B) if int(after[layer, b].max()) > int(budgets[b])]
+    report.update({"budgets": budgets.tolist(), "kept": after.tolist(), "window": used_window.tolist(),
+                   "over_budget": over})
     return report
 
 
@@ -389,4 +394,188 @@ def _rebase(cache) -> None:
             m._prefill_kept[layer] = lengths[layer, :, 0].astype(np.int64) - total
 
 
-__all__ = ["QueryWindow", "record_queries", "evict", "kept_from_keep_mask", "recompress", "conversation_lengths"]
+# ------------------------------------------------------------------------------------------------
+# Multi-turn chat
+# ------------------------------------------------------------------------------------------------
+
+class ChatSession:
+    """A multi-turn chat over one compressed paged cache, rendered with the tokenizer's chat template.
+
+    Turns are segments the way shots are: before each answer (from the second turn on) the cache is
+    re-compressed (:func:`recompress`) to ``method.keep_ratio`` of the conversation so far, with the past
+    exchanges (a user message and the assistant answer after it, ``unit="exchange"``, or every past
+    message, ``unit="message"``) as the segments; the system prompt and the current turn are protected
+    (never evicted), and the current turn's queries (recorded as it is fed, :class:`QueryWindow`) are the
+    observation window. The method's decoding phase (ShotKV's ``decode_keep_ratio``) then compresses that
+    answer's generated tokens only. With ShotKV, past turns are kept or dropped whole; a token-level method
+    (SnapKV, StreamingLLM, ...) re-selects tokens over the whole held conversation the same way (its own
+    rules; ``segments`` are passed and ignored). ``method=None``: the full cache, never compressed.
+
+    The first turn (system prompt + first user message) is an ordinary compressed prefill by the method
+    (ShotKV finds no segment in it and keeps it all). Every turn is fed as exactly the tokens the session
+    records in :attr:`ids`: the template's text after the previous answer is tokenized on its own and
+    appended to the generated tokens, never re-tokenized with them (what serving stacks do), so the
+    cached sequence and the segment spans always agree.
+
+    Parameters
+    ----------
+    model : transformers PreTrainedModel (Llama-like)
+    tokenizer : a fast tokenizer with a chat template
+    method : CompressionMethod or None
+    system : str or None
+        System prompt (protected). ``None``: none (a template may then insert its own default, which is
+        part of the first exchange).
+    unit : {"exchange", "message"}
+    window : int
+        Queries recorded per layer (the observation window must fit: the current turn for ShotKV, the last
+        ``window_size`` tokens for SnapKV).
+    page_size : int
+    backend : str, optional
+    template_kwargs : dict, optional
+        Other keywords of ``apply_chat_template``.
+
+    Attributes
+    ----------
+    messages : list of dict
+        The conversation so far (answers as the decoded text of the generated tokens).
+    ids : list of int
+        Every token of the conversation so far, as fed or generated (the cached sequence's positions).
+    turn_spans : list of (start, end)
+        Position spans of the exchanges (or messages) so far; ``system_span`` the system prompt's.
+    history : list of dict
+        Per turn: ``seen`` (tokens so far), ``held`` (tokens held, summed over layers and kv heads),
+        ``kept_fraction`` (held / (seen x layers x kv heads)), ``bytes_in_use``, ``recompress`` (its report or
+        ``None``).
+    cache : PagedCache
+    """
+
+    def __init__(self, model, tokenizer, method: Optional[CompressionMethod] = None, *,
+                 system: Optional[str] = "You are a helpful assistant.", unit: str = "exchange", window: int = 256,
+                 page_size: int = 16, backend: Optional[str] = None, template_kwargs: Optional[dict] = None):
+        from .integrations.transformers import PagedCache
+        from .shots import _need_fast
+
+        if method is not None and not isinstance(method, CompressionMethod):
+            raise TypeError(f"method must be a kvpress_kernels CompressionMethod or None, got {type(method).__name__}")
+        if unit not in ("exchange", "message"):
+            raise ValueError(f"unit must be 'exchange' or 'message', got {unit!r}")
+        if system is not None and not isinstance(system, str):
+            raise TypeError(f"system must be a str or None, got {type(system).__name__}")
+        _need_fast(tokenizer)
+        if not getattr(tokenizer, "chat_template", None) and not (template_kwargs or {}).get("chat_template"):
+            raise ValueError("tokenizer has no chat template (pass template_kwargs={'chat_template': ...})")
+        self.model, self.tokenizer, self.method, self.unit = model, tokenizer, method, unit
+        self.page_size, self.backend = page_size, backend
+        self.template_kwargs = dict(template_kwargs or {})
+        self.cache = PagedCache(model, method, shots=[[]], page_size=page_size, backend=backend)
+        record_queries(self.cache, window)
+        self.messages: List[dict] = [] if system is None else [{"role": "system", "content": system}]
+        self.ids: List[int] = []
+        self.turn_spans: List[tuple] = []
+        self.system_span: Optional[tuple] = None
+        self.history: List[Dict[str, Any]] = []
+        self._pending: Optional[int] = None           # the last answer token: generated, not fed yet
+        self._starts: List[int] = []                  # position where each message after the system starts
+        self._prefix = ""                             # rendered text the cache holds (up to the last answer)
+
+    def _render(self, msgs, gen: bool) -> str:
+        return self.tokenizer.apply_chat_template(list(msgs), tokenize=False, add_generation_prompt=gen,
+                                                  **self.template_kwargs)
+
+    def _encode(self, text: str) -> List[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+    def _piece(self, before: str, after: str) -> str:
+        if not after.startswith(before):
+            raise ValueError("the chat template does not render the conversation so far as a prefix of the "
+                             "conversation with one more message, so turns cannot be appended to the cache")
+        return after[len(before):]
+
+    def segments(self) -> List[tuple]:
+        """Position spans of the past turns (the current user message excluded): what re-compression may drop."""
+        starts = self._starts[:-1]                    # the current user message is the last start
+        roles = [m["role"] for m in self.messages if m["role"] != "system"][:len(starts)]
+        end = self._starts[-1]
+        spans: List[tuple] = []
+        for i, s in enumerate(starts):
+            e = starts[i + 1] if i + 1 < len(starts) else end
+            if self.unit == "message" or roles[i] == "user" or not spans:
+                spans.append((s, e))
+            else:
+                spans[-1] = (spans[-1][0], e)
+        return [sp for sp in spans if sp[1] > sp[0]]
+
+    def ask(self, text: str, *, max_new_tokens: int = 64, **gen_kwargs) -> str:
+        """Add the user message ``text``, re-compress, generate the answer; return its text."""
+        import torch
+
+        from .integrations.transformers import compress
+
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        first = not self.ids
+        msgs = self.messages + [{"role": "user", "content": text}]
+        full = self._render(msgs, True)
+        if first:
+            sys_text = self._render(self.messages, False) if self.messages else ""
+            sys_ids = self._encode(self._piece("", sys_text) if sys_text else "")
+            delta = sys_ids + self._encode(self._piece(sys_text, full))
+            self.system_span = (0, len(sys_ids)) if sys_ids else None
+            self._starts.append(len(sys_ids))
+        else:
+            closed = self._render(self.messages, False)
+            closing = self._encode(self._piece(self._prefix, closed))
+            pending = [] if self._pending is None else [self._pending]
+            delta = pending + closing + self._encode(self._piece(closed, full))
+            self._starts.append(len(self.ids) + len(pending) + len(closing))
+        self.messages = msgs
+        self.ids += delta
+        eos = gen_kwargs.pop("eos_token_id", None)
+        if eos is None:
+            eos = self.model.generation_config.eos_token_id
+            if eos is None:
+                eos = self.tokenizer.eos_token_id
+        eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        report = None
+        with torch.no_grad(), compress(self.model, self.method, page_size=self.page_size, backend=self.backend):
+            head = torch.tensor([self.ids[:-1]]) if first else torch.tensor([delta[:-1]])
+            if head.shape[1]:
+                with warnings.catch_warnings():
+                    # ShotKV on the first turn finds no segment: everything is protected, by design
+                    warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
+                    self.model(head, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            segs = self.segments()
+            if not first and self.method is not None:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
+                    report = recompress(self.cache, segments=segs)
+            prompt_len = len(self.ids)
+            out = self.model.generate(torch.tensor([self.ids]), attention_mask=torch.ones(1, len(self.ids), dtype=torch.long),
+                                      past_key_values=self.cache, max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                      **gen_kwargs)
+        new = out[0, len(self.ids):].tolist()
+        content_ids = new[:-1] if new and new[-1] in eos_set else new
+        answer = self.tokenizer.decode(content_ids, skip_special_tokens=True)
+        # the last token is never fed by generate: it starts the next turn (an eos is replaced by the
+        # template's own end of message)
+        self.ids += new[:-1]
+        self._pending = None if not new or new[-1] in eos_set else new[-1]
+        self._prefix = full + answer
+        self.messages = self.messages + [{"role": "assistant", "content": answer}]
+        self._starts.append(len(self.ids) - len(new[:-1]))
+        kv = self.cache.kv
+        L, H = kv.num_layers, kv.num_kv_heads
+        seen = int(conversation_lengths(self.cache)[0])
+        held = int(kv.seq_lengths().sum())
+        self.history.append({"turn": len(self.history) + 1, "seen": seen, "held": held,
+                             "kept_fraction": held / (seen * L * H), "bytes_in_use": kv.bytes_in_use(),
+                             "answer_tokens": len(new), "prompt_len": prompt_len, "segments": segs,
+                             "current": (self._starts[-2], prompt_len), "recompress": report})
+        return answer
+
+    def close(self) -> None:
+        """Give the cache's pages back."""
+        self.cache.release()
+
+
+__all__ = ["ChatSession", "QueryWindow", "record_queries", "evict", "kept_from_keep_mask", "recompress", "conversation_lengths"]

@@ -614,3 +614,77 @@ def test_decoding_phase_after_recompress_compresses_only_the_next_answer():
             start = int(prompt[b]) + 12 + 8 + 9                                 # this answer's first position
             gen = {p for p in toks if p >= start}
             assert len(gen) == kk.methods.budget_tokens(0.3, 9)
+
+
+# ------------------------------------------------------------------ multi-turn chat
+USER_TURNS = ["Name a red fruit.", "And a yellow one?", "A green vegetable, please.", "Which of them was yellow?"]
+
+
+def _held(cache, layer):
+    _, _, lengths, pos = cache.kv.gather(layer)
+    return {(b, h): set(pos[b, h, :int(lengths[b, h])].tolist())
+            for b in range(cache.kv.batch_size) for h in range(cache.kv.num_kv_heads)}
+
+
+def test_chat_session_keeps_or_drops_past_turns_whole_under_the_budget():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.5, decode_keep_ratio=1.0, policy="skip"), system="You are terse.",
+                         window=64, page_size=4)
+    dropped = 0
+    for t, text in enumerate(USER_TURNS):
+        chat.ask(text, max_new_tokens=6, do_sample=False)
+        h = chat.history[-1]
+        assert h["seen"] == len(chat.ids) == S.conversation_lengths(chat.cache)[0]
+        sys_span, (c0, c1) = chat.system_span, h["current"]
+        assert tok.decode(chat.ids[c0:c1]).replace(" ", "") == f"<u>{text}\n<a>".replace(" ", "")
+        if t == 0:
+            assert h["recompress"] is None and h["segments"] == []
+            continue
+        rep = h["recompress"]
+        segs = h["segments"]
+        assert len(segs) == t and segs[0][0] == sys_span[1] and segs[-1][1] == c0
+        in_seg = sum(e - s for s, e in segs)
+        for layer in range(chat.cache.kv.num_layers):
+            for (b, hh), held in _held(chat.cache, layer).items():
+                assert set(range(*sys_span)) <= held and set(range(c0, c1)) <= held     # protected
+                for s, e in segs:
+                    inside = held & set(range(s, e))
+                    assert inside in (set(), set(range(s, e))), f"turn {(s, e)} split in layer {layer}"
+                    dropped += not inside
+                # the budget once the turn is fed (all but its last token, which generate feeds): 0.5 of the
+                # conversation so far, the protected tokens counted inside
+                kept, protected = rep["kept"][layer][b][hh], c1 - 1 - in_seg
+                assert rep["budgets"][b] == kk.methods.budget_tokens(0.5, c1 - 1)
+                assert protected <= kept <= max(rep["budgets"][b], protected)
+    assert dropped > 0
+    assert chat.history[-1]["kept_fraction"] < 0.8
+    chat.close()
+    assert chat.cache.kv is None
+
+
+def test_chat_session_decoding_phase_compresses_each_answer_only():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.5, decode_keep_ratio=0.5, decode_recent=1, policy="skip"),
+                         window=64, page_size=4)
+    for text in USER_TURNS[:3]:
+        chat.ask(text, max_new_tokens=8, do_sample=False)
+        h = chat.history[-1]
+        p, g = h["prompt_len"], h["answer_tokens"] - 1               # generated tokens fed (the last is not)
+        for layer in range(chat.cache.kv.num_layers):
+            for (b, hh), held in _held(chat.cache, layer).items():
+                if h["recompress"] is not None:   # nothing kept before the answer is evicted by its decoding
+                    # phase (+ 1: the turn's last token, fed by generate after the re-compression)
+                    assert len({x for x in held if x < p}) == h["recompress"]["kept"][layer][b][hh] + 1
+                assert len({x for x in held if x >= p}) == kk.methods.budget_tokens(0.5, g)
+
+
+def test_chat_session_full_cache_answers_like_plain_generate():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, None, window=8, page_size=4)
+    for text in USER_TURNS[:3]:
+        chat.ask(text, max_new_tokens=5, do_sample=False)
+    for h in chat.history:
+        p, n = h["prompt_len"], h["answer_tokens"]
+        want = model.generate(torch.tensor([chat.ids[:p]]), max_new_tokens=n, do_sample=False)[0, p:].tolist()
+        assert chat.ids[p:p + n - 1] == want[:n - 1]
+    assert chat.history[-1]["kept_fraction"] == 1.0
