@@ -475,7 +475,7 @@ class ChatSession:
         self.system_span: Optional[tuple] = None
         self.history: List[Dict[str, Any]] = []
         self._pending: Optional[int] = None           # the last answer token: generated, not fed yet
-        self._starts: List[int] = []                  # position where each message after the system starts
+        self._starts: List[tuple] = []                # (role, start position) of each message after the system
         self._prefix = ""                             # rendered text the cache holds (up to the last answer)
 
     def _render(self, msgs, gen: bool) -> str:
@@ -491,19 +491,95 @@ class ChatSession:
                              "conversation with one more message, so turns cannot be appended to the cache")
         return after[len(before):]
 
-    def segments(self) -> List[tuple]:
-        """Position spans of the past turns (the current user message excluded): what re-compression may drop."""
-        starts = self._starts[:-1]                    # the current user message is the last start
-        roles = [m["role"] for m in self.messages if m["role"] != "system"][:len(starts)]
-        end = self._starts[-1]
+    def segments(self, before: Optional[int] = None) -> List[tuple]:
+        """Position spans of the past turns that start before position ``before`` (default: the current
+        user message's start): what a re-compression may drop. Exchanges run from a user message's start
+        to the next one's; with ``unit="message"`` every message is its own span."""
+        if before is None:
+            before = self._starts[-1][1] if self._starts else 0
+        msgs = [(r, st) for r, st in self._starts if st < before]
         spans: List[tuple] = []
-        for i, s in enumerate(starts):
-            e = starts[i + 1] if i + 1 < len(starts) else end
-            if self.unit == "message" or roles[i] == "user" or not spans:
-                spans.append((s, e))
+        for i, (role, st) in enumerate(msgs):
+            end = msgs[i + 1][1] if i + 1 < len(msgs) else before
+            if self.unit == "message" or role == "user" or not spans:
+                spans.append((st, end))
             else:
-                spans[-1] = (spans[-1][0], e)
+                spans[-1] = (spans[-1][0], end)
         return [sp for sp in spans if sp[1] > sp[0]]
+
+    def _append_user(self, text: str) -> List[int]:
+        """Tokens that end the previous answer and add the user message ``text`` with the generation
+        prompt; records where the message starts. Updates ``messages`` and ``_prefix``."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        msgs = self.messages + [{"role": "user", "content": text}]
+        full = self._render(msgs, True)
+        if not self.ids:
+            sys_text = self._render(self.messages, False) if self.messages else ""
+            sys_ids = self._encode(sys_text)
+            self.system_span = (0, len(sys_ids)) if sys_ids else None
+            delta = sys_ids + self._encode(self._piece(sys_text, full))
+            start = len(sys_ids)
+        else:
+            closed = self._render(self.messages, False)
+            pending = [] if self._pending is None else [self._pending]
+            closing = self._encode(self._piece(self._prefix, closed))
+            delta = pending + closing + self._encode(self._piece(closed, full))
+            start = len(self.ids) + len(pending) + len(closing)
+        self._pending = None
+        self._starts.append(("user", start))
+        self.messages, self._prefix = msgs, full
+        return delta
+
+    def _feed(self, delta: List[int], protect_from: int) -> Optional[Dict[str, Any]]:
+        """Feed ``delta`` (prompt tokens) and re-compress with everything from ``protect_from`` on
+        protected (the current turn, also the observation window). Returns the re-compression report."""
+        import torch
+
+        first = self.cache.kv is None
+        self.ids += delta
+        if not delta:
+            return None
+        with warnings.catch_warnings():
+            # ShotKV on the first turn finds no segment: everything is protected, by design
+            warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
+            self.model(torch.tensor([delta]), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            if first or self.method is None:
+                return None
+            segs = self.segments(protect_from)
+            from .methods.shotkv import ShotKV
+            return recompress(self.cache, segments=segs if isinstance(self.method, ShotKV) else None)
+
+    def _record(self, report, n_new: int, prompt_len: int, current: tuple) -> None:
+        kv = self.cache.kv
+        L, H = kv.num_layers, kv.num_kv_heads
+        seen = int(conversation_lengths(self.cache)[0])
+        held = int(kv.seq_lengths().sum())
+        kept_q = None if report is None else float(np.sum(report["kept"])) / (L * H * (prompt_len - 1))
+        self.history.append({"turn": len(self.history) + 1, "seen": seen, "held": held,
+                             "kept_fraction": held / (seen * L * H), "kept_fraction_at_question": kept_q,
+                             "bytes_in_use": kv.bytes_in_use(), "answer_tokens": n_new, "prompt_len": prompt_len,
+                             "segments": self.segments(current[0]), "current": current, "recompress": report})
+
+    def add_exchange(self, user: str, assistant: str) -> None:
+        """Append a whole past exchange (a user message and its given answer) without generating —
+        replaying a conversation, or teacher-forced answers — then enforce the budget as after any turn
+        (this exchange is the current turn: protected, and the observation window)."""
+        from .integrations.transformers import compress
+
+        if not isinstance(assistant, str):
+            raise TypeError(f"assistant must be a str, got {type(assistant).__name__}")
+        delta = self._append_user(user)
+        user_start = self._starts[-1][1]
+        self._starts.append(("assistant", len(self.ids) + len(delta)))
+        delta = delta + self._encode(assistant)
+        self.messages = self.messages + [{"role": "assistant", "content": assistant}]
+        self._prefix = self._prefix + assistant
+        with compress(self.model, self.method, page_size=self.page_size, backend=self.backend):
+            import torch
+            with torch.no_grad():
+                report = self._feed(delta, user_start)
+        self._record(report, 0, len(self.ids) + 1, (user_start, len(self.ids)))
 
     def ask(self, text: str, *, max_new_tokens: int = 64, **gen_kwargs) -> str:
         """Add the user message ``text``, re-compress, generate the answer; return its text."""
@@ -511,66 +587,34 @@ class ChatSession:
 
         from .integrations.transformers import compress
 
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        first = not self.ids
-        msgs = self.messages + [{"role": "user", "content": text}]
-        full = self._render(msgs, True)
-        if first:
-            sys_text = self._render(self.messages, False) if self.messages else ""
-            sys_ids = self._encode(self._piece("", sys_text) if sys_text else "")
-            delta = sys_ids + self._encode(self._piece(sys_text, full))
-            self.system_span = (0, len(sys_ids)) if sys_ids else None
-            self._starts.append(len(sys_ids))
-        else:
-            closed = self._render(self.messages, False)
-            closing = self._encode(self._piece(self._prefix, closed))
-            pending = [] if self._pending is None else [self._pending]
-            delta = pending + closing + self._encode(self._piece(closed, full))
-            self._starts.append(len(self.ids) + len(pending) + len(closing))
-        self.messages = msgs
-        self.ids += delta
+        delta = self._append_user(text)
+        user_start = self._starts[-1][1]
         eos = gen_kwargs.pop("eos_token_id", None)
         if eos is None:
             eos = self.model.generation_config.eos_token_id
             if eos is None:
                 eos = self.tokenizer.eos_token_id
         eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        report = None
         with torch.no_grad(), compress(self.model, self.method, page_size=self.page_size, backend=self.backend):
-            head = torch.tensor([self.ids[:-1]]) if first else torch.tensor([delta[:-1]])
-            if head.shape[1]:
-                with warnings.catch_warnings():
-                    # ShotKV on the first turn finds no segment: everything is protected, by design
-                    warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
-                    self.model(head, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            segs = self.segments()
-            if not first and self.method is not None:
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
-                    report = recompress(self.cache, segments=segs)
+            # all but the last token: the re-compression sees the turn, then generate feeds the last one
+            report = self._feed(delta[:-1], user_start)
+            self.ids.append(delta[-1])
             prompt_len = len(self.ids)
-            out = self.model.generate(torch.tensor([self.ids]), attention_mask=torch.ones(1, len(self.ids), dtype=torch.long),
+            out = self.model.generate(torch.tensor([self.ids]), attention_mask=torch.ones(1, prompt_len, dtype=torch.long),
                                       past_key_values=self.cache, max_new_tokens=max_new_tokens, eos_token_id=eos,
-                                      **gen_kwargs)
-        new = out[0, len(self.ids):].tolist()
+                                      return_dict_in_generate=True, output_scores=True, **gen_kwargs)
+        self.last_scores = out.scores          # per generated token: [1, vocab] processed logits
+        new = out.sequences[0, prompt_len:].tolist()
         content_ids = new[:-1] if new and new[-1] in eos_set else new
         answer = self.tokenizer.decode(content_ids, skip_special_tokens=True)
-        # the last token is never fed by generate: it starts the next turn (an eos is replaced by the
+        # generate never feeds its last token: it starts the next turn (an eos is replaced by the
         # template's own end of message)
+        self._starts.append(("assistant", prompt_len))
         self.ids += new[:-1]
         self._pending = None if not new or new[-1] in eos_set else new[-1]
-        self._prefix = full + answer
+        self._prefix += answer
         self.messages = self.messages + [{"role": "assistant", "content": answer}]
-        self._starts.append(len(self.ids) - len(new[:-1]))
-        kv = self.cache.kv
-        L, H = kv.num_layers, kv.num_kv_heads
-        seen = int(conversation_lengths(self.cache)[0])
-        held = int(kv.seq_lengths().sum())
-        self.history.append({"turn": len(self.history) + 1, "seen": seen, "held": held,
-                             "kept_fraction": held / (seen * L * H), "bytes_in_use": kv.bytes_in_use(),
-                             "answer_tokens": len(new), "prompt_len": prompt_len, "segments": segs,
-                             "current": (self._starts[-2], prompt_len), "recompress": report})
+        self._record(report, len(new), prompt_len, (user_start, prompt_len))
         return answer
 
     def close(self) -> None:
