@@ -688,3 +688,48 @@ def test_chat_session_full_cache_answers_like_plain_generate():
         want = model.generate(torch.tensor([chat.ids[:p]]), max_new_tokens=n, do_sample=False)[0, p:].tolist()
         assert chat.ids[p:p + n - 1] == want[:n - 1]
     assert chat.history[-1]["kept_fraction"] == 1.0
+
+
+def test_chat_session_add_exchange_feeds_given_turns_and_enforces_the_budget():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.4, decode_keep_ratio=1.0, policy="skip"), system="Be brief.",
+                         window=64, page_size=4)
+    given = [("Red: apple.", "Noted, apple."), ("Yellow: banana.", "Noted, banana."), ("Green: kale.", "Noted, kale.")]
+    for t, (user, assistant) in enumerate(given):
+        chat.add_exchange(user, assistant)
+        h = chat.history[-1]
+        assert h["seen"] == len(chat.ids) and h["answer_tokens"] == 0
+        c0, c1 = h["current"]
+        text = tok.decode(chat.ids[c0:c1]).replace(" ", "")
+        assert text == f"<u>{user}\n<a>{assistant}".replace(" ", "")        # the closing comes with the next turn
+        assert h["segments"] == chat.segments(c0) and len(h["segments"]) == t
+        for layer in range(chat.cache.kv.num_layers):
+            for held in _held(chat.cache, layer).values():
+                assert set(range(c0, c1)) <= held and set(range(*chat.system_span)) <= held
+                for s, e in h["segments"]:
+                    assert held & set(range(s, e)) in (set(), set(range(s, e)))
+    answer = chat.ask("Which was green?", max_new_tokens=4, do_sample=False)
+    assert isinstance(answer, str) and chat.history[-1]["recompress"]["budgets"] == [
+        kk.methods.budget_tokens(0.4, chat.history[-1]["prompt_len"] - 1)]
+    assert chat.history[-1]["kept_fraction_at_question"] <= 0.5
+    assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 4
+
+
+def test_harness_multi_turn_setting_runs_a_chat_session():
+    from kvpress_kernels.evaluation.harness import build_method, prepare, run_once
+    from kvpress_kernels.evaluation.tasks import generate_task
+
+    tok, model = char_tokenizer(), tiny_llama()
+    ex = generate_task("multi_turn", 1, seed=0, n_shots=4)[0]
+    prep = prepare(ex, tok)
+    full = run_once(model, tok, prep, None, "multi_turn")
+    out = run_once(model, tok, prep, build_method("shotkv", 0.3), "multi_turn")
+    rows = model.config.num_hidden_layers * model.config.num_key_value_heads
+    for run in (full, out):
+        assert len(run.texts) == 1 and run.logprobs.shape == (model.config.vocab_size,)
+        assert run.stats["turns"] == 5
+    assert full.stats["kv_tokens_after_prefill"] == rows * full.stats["prompt_lengths"][0]
+    kept = out.stats["kv_tokens_after_prefill"] / (rows * out.stats["prompt_lengths"][0])
+    assert kept < 0.6 and out.stats["kv_bytes_final"] < full.stats["kv_bytes_final"]
+    with pytest.raises(ValueError, match="multi_turn"):
+        run_once(model, tok, prepare(generate_task("lookup", 1, n_shots=4)[0], tok), None, "multi_turn")
