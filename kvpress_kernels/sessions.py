@@ -398,6 +398,13 @@ def _rebase(cache) -> None:
 # Multi-turn chat
 # ------------------------------------------------------------------------------------------------
 
+#: When :class:`ChatSession` enforces the budget: ``"every_turn"`` (after each turn is fed, the method
+#: also compressing the first prefill and running its decoding phase) or ``"at_question"`` (only when
+#: :meth:`ChatSession.ask` is called, before the answer: the cache is full until then, and no decoding
+#: phase runs).
+BUDGET_MODES = ("every_turn", "at_question")
+
+
 class ChatSession:
     """A multi-turn chat over one compressed paged cache, rendered with the tokenizer's chat template.
 
@@ -426,6 +433,10 @@ class ChatSession:
         System prompt (protected). ``None``: none (a template may then insert its own default, which is
         part of the first exchange).
     unit : {"exchange", "message"}
+    budget : {"every_turn", "at_question"}
+        :data:`BUDGET_MODES`. ``"every_turn"`` (default): a chat under a memory budget at all times;
+        ``"at_question"``: history replayed with :meth:`add_exchange` stays whole and the budget is enforced
+        when a question is asked (query-aware over the whole conversation; no decoding phase).
     window : int
         Queries recorded per layer (the observation window must fit: the current turn for ShotKV, the last
         ``window_size`` tokens for SnapKV).
@@ -451,7 +462,8 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, method: Optional[CompressionMethod] = None, *,
                  system: Optional[str] = "You are a helpful assistant.", unit: str = "exchange", window: int = 256,
-                 page_size: int = 16, backend: Optional[str] = None, template_kwargs: Optional[dict] = None):
+                 budget: str = "every_turn", page_size: int = 16, backend: Optional[str] = None,
+                 template_kwargs: Optional[dict] = None):
         from .integrations.transformers import PagedCache
         from .shots import _need_fast
 
@@ -464,10 +476,16 @@ class ChatSession:
         _need_fast(tokenizer)
         if not getattr(tokenizer, "chat_template", None) and not (template_kwargs or {}).get("chat_template"):
             raise ValueError("tokenizer has no chat template (pass template_kwargs={'chat_template': ...})")
+        if budget not in BUDGET_MODES:
+            raise ValueError(f"budget must be one of {BUDGET_MODES}, got {budget!r}")
         self.model, self.tokenizer, self.method, self.unit = model, tokenizer, method, unit
+        self.budget = budget
         self.page_size, self.backend = page_size, backend
         self.template_kwargs = dict(template_kwargs or {})
-        self.cache = PagedCache(model, method, shots=[[]], page_size=page_size, backend=backend)
+        # at_question: the cache itself never compresses (no prefill compression, no decoding phase); ask()
+        # re-compresses with the method
+        cache_method = method if budget == "every_turn" else None
+        self.cache = PagedCache(model, cache_method, shots=[[]], page_size=page_size, backend=backend)
         record_queries(self.cache, window)
         self.messages: List[dict] = [] if system is None else [{"role": "system", "content": system}]
         self.ids: List[int] = []
@@ -531,7 +549,7 @@ class ChatSession:
         self.messages, self._prefix = msgs, full
         return delta
 
-    def _feed(self, delta: List[int], protect_from: int) -> Optional[Dict[str, Any]]:
+    def _feed(self, delta: List[int], protect_from: int, question: bool) -> Optional[Dict[str, Any]]:
         """Feed ``delta`` (prompt tokens) and re-compress with everything from ``protect_from`` on
         protected (the current turn, also the observation window). Returns the re-compression report."""
         import torch
@@ -544,11 +562,15 @@ class ChatSession:
             # ShotKV on the first turn finds no segment: everything is protected, by design
             warnings.filterwarnings("ignore", message="ShotKV: the protected tokens")
             self.model(torch.tensor([delta]), past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-            if first or self.method is None:
+            if self.method is None:
+                return None
+            if self.budget == "every_turn" and first:      # the method compressed the prefill itself
+                return None
+            if self.budget == "at_question" and not question:
                 return None
             segs = self.segments(protect_from)
             from .methods.shotkv import ShotKV
-            return recompress(self.cache, segments=segs if isinstance(self.method, ShotKV) else None)
+            return recompress(self.cache, self.method, segments=segs if isinstance(self.method, ShotKV) else None)
 
     def _record(self, report, n_new: int, prompt_len: int, current: tuple) -> None:
         kv = self.cache.kv
@@ -578,7 +600,7 @@ class ChatSession:
         with compress(self.model, self.method, page_size=self.page_size, backend=self.backend):
             import torch
             with torch.no_grad():
-                report = self._feed(delta, user_start)
+                report = self._feed(delta, user_start, question=False)
         self._record(report, 0, len(self.ids) + 1, (user_start, len(self.ids)))
 
     def ask(self, text: str, *, max_new_tokens: int = 64, **gen_kwargs) -> str:
@@ -597,7 +619,7 @@ class ChatSession:
         eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         with torch.no_grad(), compress(self.model, self.method, page_size=self.page_size, backend=self.backend):
             # all but the last token: the re-compression sees the turn, then generate feeds the last one
-            report = self._feed(delta[:-1], user_start)
+            report = self._feed(delta[:-1], user_start, question=True)
             self.ids.append(delta[-1])
             prompt_len = len(self.ids)
             out = self.model.generate(torch.tensor([self.ids]), attention_mask=torch.ones(1, prompt_len, dtype=torch.long),

@@ -733,3 +733,24 @@ def test_harness_multi_turn_setting_runs_a_chat_session():
     assert kept < 0.6 and out.stats["kv_bytes_final"] < full.stats["kv_bytes_final"]
     with pytest.raises(ValueError, match="multi_turn"):
         run_once(model, tok, prepare(generate_task("lookup", 1, n_shots=4)[0], tok), None, "multi_turn")
+
+
+def test_chat_session_budget_at_question_keeps_history_whole_until_asked():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.4, policy="skip"), system="Be brief.", window=64, page_size=4,
+                         budget="at_question")
+    for user, assistant in [("Red: apple.", "Noted, apple."), ("Yellow: banana.", "Noted, banana."),
+                            ("Green: kale.", "Noted, kale.")]:
+        chat.add_exchange(user, assistant)
+        assert chat.history[-1]["recompress"] is None and chat.history[-1]["kept_fraction"] == 1.0
+    chat.ask("Which was green?", max_new_tokens=4, do_sample=False)
+    h = chat.history[-1]
+    c0 = h["current"][0]
+    assert h["kept_fraction_at_question"] <= 0.45 and len(h["segments"]) == 3
+    for layer in range(chat.cache.kv.num_layers):
+        for held in _held(chat.cache, layer).values():
+            assert set(range(c0, h["prompt_len"])) <= held
+            for s, e in h["segments"]:
+                assert held & set(range(s, e)) in (set(), set(range(s, e)))
+    with pytest.raises(ValueError, match="budget"):
+        S.ChatSession(model, tok, None, budget="sometimes")

@@ -13,7 +13,9 @@ Settings (reported apart):
   cache re-compressed to the keep ratio of the conversation so far after every turn (ShotKV keeps or
   drops whole past exchanges; SnapKV / StreamingLLM re-select tokens by their own rules; the latest turn
   is protected and is the observation window), then a turn asking for one fact. ``kv_kept`` is the
-  fraction of the conversation held when the question is answered.
+  fraction of the conversation held when the question is answered. ``multi_turn_at_question``: the same
+  conversation with the budget enforced only when the question is asked (history kept whole until then:
+  query-aware re-compression of the whole chat).
 - ``multi_question`` (not in the default sweep): the context alone is prefilled and compressed once;
   every question of the example (the main one, then ``multi_answer``'s follow-ups) is answered from
   its own copy of that cache (:meth:`PagedCache.fork`: the copies share the context's pages), which
@@ -61,7 +63,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .tasks import TASK_NAMES, Example, answer_line, generate_task, score
 
-SETTINGS = ("query_aware", "query_agnostic", "multi_question", "multi_turn")
+SETTINGS = ("query_aware", "query_agnostic", "multi_question", "multi_turn", "multi_turn_at_question")
 
 
 @dataclass
@@ -186,8 +188,9 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
     from ..integrations.transformers import compress
 
     ex = prep.example
-    if setting == "multi_turn":
-        return _run_multi_turn(model, tok, ex, method, backend)
+    if setting in ("multi_turn", "multi_turn_at_question"):
+        return _run_multi_turn(model, tok, ex, method, backend,
+                               "every_turn" if setting == "multi_turn" else "at_question")
     eos = {i for i in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
     min_steps = 2 if setting == "query_aware" else 1      # the step whose logits the KL compares
     extra = sum(len(tok(q)["input_ids"]) + 2 + ex.max_new_tokens for q, _ in ex.turns)
@@ -235,7 +238,7 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
     return RunOutput(texts, n_new, lp, stats, time.perf_counter() - t0)
 
 
-def _run_multi_turn(model, tok, ex: Example, method, backend: Optional[str]) -> RunOutput:
+def _run_multi_turn(model, tok, ex: Example, method, backend: Optional[str], budget: str) -> RunOutput:
     """The ``multi_turn`` setting: the example's chat through a :class:`~kvpress_kernels.sessions.ChatSession`
     — fact turns appended with their given acknowledgement, the budget enforced after each (past exchanges
     are segments for ShotKV, the latest turn protected and the observation window), then the question asked
@@ -250,7 +253,7 @@ def _run_multi_turn(model, tok, ex: Example, method, backend: Optional[str]) -> 
     if not ex.chat:
         raise ValueError(f"the multi_turn setting needs a task with chat turns (multi_turn), got task {ex.task!r}")
     t0 = time.perf_counter()
-    chat = ChatSession(model, tok, method, system=CHAT_SYSTEM, window=128, backend=backend)
+    chat = ChatSession(model, tok, method, system=CHAT_SYSTEM, window=128, budget=budget, backend=backend)
     for user, assistant in ex.chat:
         chat.add_exchange(user, assistant)
     text = chat.ask(ex.chat_question, max_new_tokens=ex.max_new_tokens, do_sample=False)
