@@ -754,3 +754,40 @@ def test_chat_session_budget_at_question_keeps_history_whole_until_asked():
                 assert held & set(range(s, e)) in (set(), set(range(s, e)))
     with pytest.raises(ValueError, match="budget"):
         S.ChatSession(model, tok, None, budget="sometimes")
+
+
+@pytest.mark.slow
+def test_chat_session_on_smollm2(smollm2):
+    """SmolLM2-135M-Instruct with its own chat template: a multi_turn eval conversation (8 fact turns, then
+    a question) under ShotKV at 30 % of the conversation after every turn: past exchanges kept or dropped
+    whole in every layer, system prompt and the current turn held, the memory really freed, and on this
+    example (one the full cache answers) the answer still right."""
+    from kvpress_kernels.evaluation.tasks import CHAT_SYSTEM, generate_task
+
+    model, tok = smollm2
+    ex = generate_task("multi_turn", 30, seed=0)[27]
+    answers, chats = {}, {}
+    for name, method in [("full", None), ("shotkv", kk.ShotKV(0.3, decode_keep_ratio=1.0))]:
+        chat = S.ChatSession(model, tok, method, system=CHAT_SYSTEM, window=128)
+        for user, assistant in ex.chat:
+            chat.add_exchange(user, assistant)
+            c0, c1 = chat.history[-1]["current"]
+            assert tok.decode(chat.ids[c0:c1]) == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
+        answers[name] = chat.ask(ex.chat_question, max_new_tokens=ex.max_new_tokens, do_sample=False)
+        chats[name] = chat
+    assert ex.answer in answers["full"] and ex.answer in answers["shotkv"]
+    chat = chats["shotkv"]
+    h = chat.history[-1]
+    assert tok.decode(chat.ids[slice(*chat.system_span)]) == f"<|im_start|>system\n{CHAT_SYSTEM}<|im_end|>\n"
+    assert all(tok.decode(chat.ids[s:e]).startswith("<|im_start|>user\n") for s, e in h["segments"])
+    assert h["kept_fraction_at_question"] <= 0.3
+    dropped = 0
+    for layer in range(chat.cache.kv.num_layers):
+        for held in _held(chat.cache, layer).values():
+            assert set(range(*chat.system_span)) | set(range(h["current"][0], h["prompt_len"])) <= held
+            for s, e in h["segments"]:
+                inside = held & set(range(s, e))
+                assert inside in (set(), set(range(s, e)))
+                dropped += not inside
+    assert dropped > 0
+    assert chat.cache.kv.bytes_in_use() < 0.5 * chats["full"].cache.kv.bytes_in_use()
