@@ -11,6 +11,7 @@ from .cache import PagedKVCache  # noqa: E402,F401
 from .methods import (H2O, AdaKV, TOVA, ChunkKV, CompressionMethod, KNorm, PyramidKV, ShotKV, SnapKV,  # noqa: E402,F401
                       StreamingLLM)
 from .shots import ChatSegments, find_chat_turns, find_paragraphs, find_shots  # noqa: E402,F401
+from .sessions import ChatSession, QueryWindow, evict, recompress, record_queries  # noqa: E402,F401
 
 _TRANSFORMERS_EXPORTS = ("compress", "generate", "PagedCache", "CompressionSession")
 

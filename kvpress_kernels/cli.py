@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fractions of tokens KEPT, each in (0, 1]")
     p.add_argument("--n", type=_positive_int, default=None, help="examples per task and setting")
     p.add_argument("--tasks", nargs="+", metavar="TASK", help="tasks to run (default all)")
-    p.add_argument("--settings", nargs="+", choices=("query_aware", "query_agnostic", "multi_question"), metavar="SETTING",
+    p.add_argument("--settings", nargs="+", choices=("query_aware", "query_agnostic", "multi_question", "multi_turn", "multi_turn_at_question"), metavar="SETTING",
                    help="query_aware (question inside the compressed prompt) and/or query_agnostic")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_eval)

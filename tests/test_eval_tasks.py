@@ -180,3 +180,19 @@ def test_build_method_names_and_ratios():
             assert m.keep_ratio == pytest.approx(0.25)
     with pytest.raises(ValueError, match="method"):
         harness.build_method("magic", 0.5)
+
+
+def test_multi_turn_task_chat_holds_the_facts_and_scoring_finds_the_code():
+    exs = generate_task("multi_turn", 8, seed=2, n_shots=6)
+    for ex in exs:
+        assert len(ex.chat) == 6 and ex.chat_question.startswith("What is the code of the ")
+        word = re.match(r"What is the code of the (\w+)\?", ex.chat_question).group(1)
+        facts = [u for u, _ in ex.chat if f" {word} " in u]
+        assert facts == [ex.chat[ex.answer_shot][0]] == [f"The code of the {word} is {ex.answer}."]
+        assert all(ex.answer not in u for k, (u, _) in enumerate(ex.chat) if k != ex.answer_shot)
+        assert ex.answer in ex.chat[ex.answer_shot][1]                 # the acknowledgement restates it
+    ex = exs[0]
+    assert score(ex, f"Noted: the code of the x is {ex.answer}.") == 1.0
+    assert score(ex, f"It is {ex.answer}") == 1.0
+    assert score(ex, f"It is 1{ex.answer}") == 0.0 and score(ex, "OK.") == 0.0 and score(ex, "") == 0.0
+    assert {e.answer_shot for e in exs} == set(range(6))               # depth balanced over the fact turns

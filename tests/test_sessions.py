@@ -361,3 +361,433 @@ def test_harness_multi_question_answers_each_question_from_a_copy():
         alone = dataclasses.replace(ex, question=question, turns=[])
         single = run_once(model, tok, prepare(alone, tok), build_method("shotkv_decode", 0.5), "query_agnostic")
         assert single.texts[0] == multi.texts[i]
+
+
+# ------------------------------------------------------------------ re-compressing a filled cache (past turns as segments)
+from kvpress_kernels import sessions as S  # noqa: E402
+
+SHOTS = [[(1, 20), (20, 40), (40, 60), (60, 80)], [(0, 16), (16, 32), (32, 48), (48, 64)]]
+
+
+def _extended_cache(model, session, seed=3, n_ext=12, window=64):
+    """Context (prefill-compressed by the session's method), then ``n_ext`` tokens fed as prompt."""
+    ids, mask, _ = context()
+    cache = session.new_cache()
+    S.record_queries(cache, window)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        model(torch.randint(3, 97, (2, n_ext), generator=g), **{cache_kwarg(model): cache})
+    return cache
+
+
+def _by_position(c, layer):
+    """{(b, h): {position: (k, v)}} of one layer."""
+    k, v, lengths, pos = c.gather(layer)
+    out = {}
+    for b in range(c.batch_size):
+        for h in range(c.num_kv_heads):
+            out[b, h] = {int(pos[b, h, i]): (k[b, h, i].clone(), v[b, h, i].clone()) for i in range(int(lengths[b, h]))}
+    return out
+
+
+def _shotkv_reference(before, cache, segments, keep_ratio, policy):
+    """Positions each (layer, seq) keeps: ShotKV over the held tokens in plain fp64 PyTorch. Token score =
+    attention mass from the window (the held tokens after the last segment, their recorded queries), summed
+    over all query heads; segment score = mean over its held tokens; non-segment tokens protected; greedy
+    by score (``policy``) under ceil(keep_ratio * conversation length)."""
+    import math
+    qw = cache.query_window
+    seen = S.conversation_lengths(cache)
+    G = cache.spec.num_heads // cache.spec.num_kv_heads
+    out = {}
+    for layer, rows in enumerate(before):
+        for b in range(cache.kv.batch_size):
+            held = sorted(rows[b, 0])
+            budget = min(len(held), math.ceil(round(keep_ratio * int(seen[b]), 9)))
+            if budget >= len(held):
+                out[layer, b] = set(held)
+                continue
+            segs = [[p for p in held if s <= p < e] for s, e in segments[b]]
+            segs = [sg for sg in segs if sg]
+            tail = [p for p in held if p >= (segs[-1][-1] + 1 if segs else 0)]
+            W = len(tail)
+            q = qw.last(layer, W)[b].double()                                        # [Hq, W, D]
+            keys = torch.stack([torch.stack([rows[b, h][p][0] for p in held]) for h in range(cache.kv.num_kv_heads)])
+            keys = keys.double().repeat_interleave(G, 0)                             # [Hq, n, D]
+            logits = torch.einsum("hwd,hnd->hwn", q, keys) * qw.scale[layer]
+            causal = torch.tensor(held).view(1, 1, -1) <= torch.tensor(tail).view(1, -1, 1)
+            p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+            tok = dict(zip(held, p.sum((0, 1)).tolist()))
+            in_seg = {x for sg in segs for x in sg}
+            kept = {x for x in held if x not in in_seg}
+            room = budget - len(kept)
+            for sg in sorted(segs, key=lambda sg: -sum(tok[x] for x in sg) / len(sg)):
+                if len(sg) <= room:
+                    kept |= set(sg)
+                    room -= len(sg)
+                elif policy == "stop":
+                    break
+            out[layer, b] = kept
+    return out
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_recompress_keeps_whole_segments_like_the_reference_and_frees_pages(policy, monkeypatch):
+    monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0, policy=policy), shots=SHOTS, page_size=4) as session:
+        cache = _extended_cache(model, session)
+    kv = cache.kv
+    before = [_by_position(kv, layer) for layer in range(kv.num_layers)]
+    segments = SHOTS                                  # positions over the whole cached sequence
+    want = _shotkv_reference(before, cache, segments, 0.5, policy)
+    pool_before = kv.pool_bytes_in_use()
+    rep = S.recompress(cache, keep_ratio=0.5, segments=segments)
+    kv.check_invariants()
+    assert rep["pool_pages_freed"] > 0 and kv.pool_bytes_in_use() == pool_before - rep["pool_pages_freed"] * kv.page_bytes
+    dropped = 0
+    for layer in range(kv.num_layers):
+        after = _by_position(kv, layer)
+        for (b, h), toks in after.items():
+            assert set(toks) == want[layer, b], f"layer {layer} seq {b} head {h}"
+            for p, (k, v) in toks.items():                     # data movement exact
+                assert torch.equal(k, before[layer][b, h][p][0]) and torch.equal(v, before[layer][b, h][p][1])
+            held_before = set(before[layer][b, h])
+            for s, e in segments[b]:
+                seg = held_before & set(range(s, e))
+                assert seg & set(toks) in (set(), seg), f"segment {(s, e)} split"
+                dropped += bool(seg) and not (seg & set(toks))
+            in_seg = {x for s, e in segments[b] for x in range(s, e)}
+            assert {x for x in held_before if x not in in_seg} <= set(toks)    # protected: never evicted
+    assert dropped > 0
+
+
+def test_recompress_a_fork_copies_on_write_and_leaves_the_parent_alone(monkeypatch):
+    monkeypatch.setenv("KVPRESS_KERNELS_DEBUG", "1")
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0, policy="skip"), shots=SHOTS, page_size=4) as session:
+        parent = _extended_cache(model, session)
+        twin = _extended_cache(model, session)         # the same, never forked: the oracle
+    snap = _snapshot(parent.kv)
+    child = copy.deepcopy(parent)
+    pool = parent.kv.pool_bytes_in_use()
+    S.recompress(child, keep_ratio=0.5, segments=SHOTS)
+    S.recompress(twin, keep_ratio=0.5, segments=SHOTS)
+    _same(_snapshot(parent.kv), snap)                  # never written through the fork
+    _same(_snapshot(child.kv), _snapshot(twin.kv))
+    assert child.kv.bytes_in_use() < parent.kv.bytes_in_use()
+    assert parent.kv.pool_bytes_in_use() <= pool + child.kv.pages_in_use() * parent.kv.page_bytes
+    parent.kv.check_invariants()
+    child.release()
+    assert parent.kv.pool_bytes_in_use() == parent.kv.bytes_in_use()
+    _same(_snapshot(parent.kv), snap)
+
+
+def test_rejected_recompress_changes_nothing():
+    model = tiny_llama()
+    with kk.compress(model, kk.ShotKV(0.8, decode_keep_ratio=1.0), shots=SHOTS, page_size=4) as session:
+        cache = _extended_cache(model, session, window=8)
+    kv = cache.kv
+    snap, pool, state = _snapshot(kv), kv.pool_bytes_in_use(), (cache._extended, cache._generated, list(cache._ext_ranges))
+    bad = [
+        (dict(segments=[[(0, 10), (5, 20)], [(0, 4)]]), ValueError, "overlap"),
+        (dict(segments=[[(0, 500)], [(0, 4)]]), ValueError, "out of range"),
+        (dict(segments=SHOTS[0]), ValueError, "one per sequence"),
+        (dict(segments=SHOTS, keep_ratio=1.5), ValueError, "keep_ratio"),
+        (dict(segments=SHOTS), ValueError, "longer query window"),        # ShotKV's window: 28 > 8 recorded
+        (dict(segments=None), ValueError, "shots must be given"),
+        (dict(method=kk.H2O(0.3)), ValueError, "longer query window"),    # H2O needs every query
+        (dict(method=kk.ShotKV), TypeError, "CompressionMethod"),
+    ]
+    for kw, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            S.recompress(cache, **{"keep_ratio": 0.5, **kw})
+        _same(_snapshot(kv), snap)
+        assert kv.pool_bytes_in_use() == pool
+        assert (cache._extended, cache._generated, cache._ext_ranges) == state
+    # a query-free method needs no window
+    S.recompress(cache, kk.StreamingLLM(0.5, n_sink=2))
+    assert kv.pool_bytes_in_use() < pool
+
+
+def test_evict_primitive_exact_and_checked():
+    c, _ = _filled(L=2, B=2, H=2, n=11)
+    _evict_every_third(c, 0)                           # row lengths differ, slots out of position order later
+    before = [_by_position(c, layer) for layer in range(2)]
+    lengths = c.seq_lengths()
+    g = torch.Generator().manual_seed(1)
+    mask = torch.rand(2, 2, 2, 12, generator=g) < 0.5
+    mask &= torch.arange(12).view(1, 1, 1, 12) < torch.from_numpy(lengths).unsqueeze(-1)
+    snap, pool = _snapshot(c), c.pool_bytes_in_use()
+    kept_idx = S.kept_from_keep_mask(mask)
+    for keep, match in [(kept_idx.flip(-1), "first|ascending"), (mask.int() * 20, "ascending|beyond|first"),
+                        (torch.ones(2, 2, 2, 12, dtype=torch.bool), "holds only"), (kept_idx[0], "dimensions"),
+                        (kept_idx.float(), "dtype")]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            S.evict(c, keep)
+        _same(_snapshot(c), snap)
+        assert c.pool_bytes_in_use() == pool
+    twin = copy.deepcopy(c)
+    rep = S.evict(c, mask)
+    S.evict(twin, kept_idx)
+    _same(_snapshot(c), _snapshot(twin))
+    assert rep["tokens_after"] == int(mask.sum())
+    for layer in range(2):
+        after = _by_position(c, layer)
+        p0 = snap[layer][3]
+        for (b, h), toks in after.items():
+            want = {int(p0[b, h, s]) for s in mask[layer, b, h].nonzero().flatten().tolist()}
+            assert set(toks) == want
+            for p, (k, v) in toks.items():
+                assert torch.equal(k, before[layer][b, h][p][0]) and torch.equal(v, before[layer][b, h][p][1])
+    c.check_invariants()
+
+
+def test_query_window_records_the_queries_the_model_computes():
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    model = tiny_llama()
+    ids, mask, questions = context()
+    mask = torch.ones_like(mask)          # no padding: the plain forward below then sees the same positions
+    seen_q = {}
+
+    def capture(module, query, *args, **kwargs):
+        seen_q[module.layer_idx] = query.detach().clone()
+        return sdpa_attention_forward(module, query, *args, **kwargs)
+
+    AttentionInterface.register("i14m_capture", capture)
+    # the full cache: with eviction, later layers' queries would differ from a plain forward's
+    with kk.compress(model, None, page_size=4) as session:
+        cache = session.new_cache()
+        S.record_queries(cache, 10)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        a = answer(model, cache, ids, mask, questions[0], max_new_tokens=4)   # 5-token extension, 3 steps
+    # the fed tokens: context, question, the 3 generated tokens fed back (the last answer token is not fed)
+    seqs = torch.cat([ids, questions[0], a[:, :-1]], 1)
+    prev = model.config._attn_implementation
+    model.config._attn_implementation = "i14m_capture"
+    try:
+        with torch.no_grad():
+            model(seqs, attention_mask=torch.cat([mask, torch.ones(2, seqs.shape[1] - 96, dtype=torch.long)], 1))
+    finally:
+        model.config._attn_implementation = prev
+    qw = cache.query_window
+    for layer in range(2):
+        assert qw.available(layer, 2).tolist() == [10, 10]
+        got, want = qw.last(layer, 10), seen_q[layer][:, :, -10:]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # a fork has its own copy
+    f = cache.fork()
+    f.query_window.record(0, torch.ones(2, 4, 1, 16), 0.25)
+    torch.testing.assert_close(qw.last(0, 10), seen_q[0][:, :, -10:], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_phase_after_recompress_compresses_only_the_next_answer():
+    model = tiny_llama()
+    method = kk.ShotKV(0.8, decode_keep_ratio=0.3, decode_recent=1, policy="skip")
+    ids, mask, _ = context()
+    with kk.compress(model, method, shots=SHOTS, page_size=4) as session:
+        cache = session.new_cache()
+        S.record_queries(cache, 64)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, **{cache_kwarg(model): cache})
+        q1 = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(7))
+        a1 = answer(model, cache, ids, mask, q1, max_new_tokens=8)             # answer 1: decoding phase runs
+        q2 = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(8))
+        ids2, mask2 = full(ids, mask, torch.cat([q1, a1, q2], 1))
+        with torch.no_grad():                                                 # feed turn 2 (all but its last token)
+            model(ids2[:, 96 + 12 + 7:-1], **{cache_kwarg(model): cache})
+        segs = [SHOTS[0] + [(96, 96 + 12 + 8)], SHOTS[1] + [(80, 80 + 12 + 8)]]
+        S.recompress(cache, keep_ratio=0.5, segments=segs)
+        held = [_by_position(cache.kv, layer) for layer in range(2)]
+        a2 = answer(model, cache, ids2[:, :-1], mask2[:, :-1], ids2[:, -1:], max_new_tokens=10)
+    stats = cache.stats()
+    assert stats["generated_tokens"] == 9                                       # this answer's only
+    prompt = np.asarray(stats["prompt_lengths"])
+    for layer in range(2):
+        after = _by_position(cache.kv, layer)
+        for (b, h), toks in after.items():
+            assert set(held[layer][b, h]) <= set(toks)                          # nothing kept is evicted later
+            start = int(prompt[b]) + 12 + 8 + 9                                 # this answer's first position
+            gen = {p for p in toks if p >= start}
+            assert len(gen) == kk.methods.budget_tokens(0.3, 9)
+
+
+# ------------------------------------------------------------------ multi-turn chat
+USER_TURNS = ["Name a red fruit.", "And a yellow one?", "A green vegetable, please.", "Which of them was yellow?"]
+
+
+def _held(cache, layer):
+    _, _, lengths, pos = cache.kv.gather(layer)
+    return {(b, h): set(pos[b, h, :int(lengths[b, h])].tolist())
+            for b in range(cache.kv.batch_size) for h in range(cache.kv.num_kv_heads)}
+
+
+def test_chat_session_keeps_or_drops_past_turns_whole_under_the_budget():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.5, decode_keep_ratio=1.0, policy="skip"), system="You are terse.",
+                         window=64, page_size=4)
+    dropped = 0
+    for t, text in enumerate(USER_TURNS):
+        chat.ask(text, max_new_tokens=6, do_sample=False)
+        h = chat.history[-1]
+        assert h["seen"] == len(chat.ids) == S.conversation_lengths(chat.cache)[0]
+        sys_span, (c0, c1) = chat.system_span, h["current"]
+        assert tok.decode(chat.ids[c0:c1]).replace(" ", "") == f"<u>{text}\n<a>".replace(" ", "")
+        if t == 0:
+            assert h["recompress"] is None and h["segments"] == []
+            continue
+        rep = h["recompress"]
+        segs = h["segments"]
+        assert len(segs) == t and segs[0][0] == sys_span[1] and segs[-1][1] == c0
+        in_seg = sum(e - s for s, e in segs)
+        for layer in range(chat.cache.kv.num_layers):
+            for (b, hh), held in _held(chat.cache, layer).items():
+                assert set(range(*sys_span)) <= held and set(range(c0, c1)) <= held     # protected
+                for s, e in segs:
+                    inside = held & set(range(s, e))
+                    assert inside in (set(), set(range(s, e))), f"turn {(s, e)} split in layer {layer}"
+                    dropped += not inside
+                # the budget once the turn is fed (all but its last token, which generate feeds): 0.5 of the
+                # conversation so far, the protected tokens counted inside
+                kept, protected = rep["kept"][layer][b][hh], c1 - 1 - in_seg
+                assert rep["budgets"][b] == kk.methods.budget_tokens(0.5, c1 - 1)
+                assert protected <= kept <= max(rep["budgets"][b], protected)
+    assert dropped > 0
+    assert chat.history[-1]["kept_fraction"] < 0.8
+    chat.close()
+    assert chat.cache.kv is None
+
+
+def test_chat_session_decoding_phase_compresses_each_answer_only():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.5, decode_keep_ratio=0.5, decode_recent=1, policy="skip"),
+                         window=64, page_size=4)
+    for text in USER_TURNS[:3]:
+        chat.ask(text, max_new_tokens=8, do_sample=False)
+        h = chat.history[-1]
+        p, g = h["prompt_len"], h["answer_tokens"] - 1               # generated tokens fed (the last is not)
+        for layer in range(chat.cache.kv.num_layers):
+            for (b, hh), held in _held(chat.cache, layer).items():
+                if h["recompress"] is not None:   # nothing kept before the answer is evicted by its decoding
+                    # phase (+ 1: the turn's last token, fed by generate after the re-compression)
+                    assert len({x for x in held if x < p}) == h["recompress"]["kept"][layer][b][hh] + 1
+                assert len({x for x in held if x >= p}) == kk.methods.budget_tokens(0.5, g)
+
+
+def test_chat_session_full_cache_answers_like_plain_generate():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, None, window=8, page_size=4)
+    for text in USER_TURNS[:3]:
+        chat.ask(text, max_new_tokens=5, do_sample=False)
+    for h in chat.history:
+        p, n = h["prompt_len"], h["answer_tokens"]
+        want = model.generate(torch.tensor([chat.ids[:p]]), max_new_tokens=n, do_sample=False)[0, p:].tolist()
+        assert chat.ids[p:p + n - 1] == want[:n - 1]
+    assert chat.history[-1]["kept_fraction"] == 1.0
+
+
+def test_chat_session_add_exchange_feeds_given_turns_and_enforces_the_budget():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.4, decode_keep_ratio=1.0, policy="skip"), system="Be brief.",
+                         window=64, page_size=4)
+    given = [("Red: apple.", "Noted, apple."), ("Yellow: banana.", "Noted, banana."), ("Green: kale.", "Noted, kale.")]
+    for t, (user, assistant) in enumerate(given):
+        chat.add_exchange(user, assistant)
+        h = chat.history[-1]
+        assert h["seen"] == len(chat.ids) and h["answer_tokens"] == 0
+        c0, c1 = h["current"]
+        text = tok.decode(chat.ids[c0:c1]).replace(" ", "")
+        assert text == f"<u>{user}\n<a>{assistant}".replace(" ", "")        # the closing comes with the next turn
+        assert h["segments"] == chat.segments(c0) and len(h["segments"]) == t
+        for layer in range(chat.cache.kv.num_layers):
+            for held in _held(chat.cache, layer).values():
+                assert set(range(c0, c1)) <= held and set(range(*chat.system_span)) <= held
+                for s, e in h["segments"]:
+                    assert held & set(range(s, e)) in (set(), set(range(s, e)))
+    answer = chat.ask("Which was green?", max_new_tokens=4, do_sample=False)
+    assert isinstance(answer, str) and chat.history[-1]["recompress"]["budgets"] == [
+        kk.methods.budget_tokens(0.4, chat.history[-1]["prompt_len"] - 1)]
+    assert chat.history[-1]["kept_fraction_at_question"] <= 0.5
+    assert [m["role"] for m in chat.messages] == ["system"] + ["user", "assistant"] * 4
+
+
+def test_harness_multi_turn_setting_runs_a_chat_session():
+    from kvpress_kernels.evaluation.harness import build_method, prepare, run_once
+    from kvpress_kernels.evaluation.tasks import generate_task
+
+    tok, model = char_tokenizer(), tiny_llama()
+    ex = generate_task("multi_turn", 1, seed=0, n_shots=4)[0]
+    prep = prepare(ex, tok)
+    full = run_once(model, tok, prep, None, "multi_turn")
+    out = run_once(model, tok, prep, build_method("shotkv", 0.3), "multi_turn")
+    rows = model.config.num_hidden_layers * model.config.num_key_value_heads
+    for run in (full, out):
+        assert len(run.texts) == 1 and run.logprobs.shape == (model.config.vocab_size,)
+        assert run.stats["turns"] == 5
+    assert full.stats["kv_tokens_after_prefill"] == rows * full.stats["prompt_lengths"][0]
+    kept = out.stats["kv_tokens_after_prefill"] / (rows * out.stats["prompt_lengths"][0])
+    assert kept < 0.6 and out.stats["kv_bytes_final"] < full.stats["kv_bytes_final"]
+    with pytest.raises(ValueError, match="multi_turn"):
+        run_once(model, tok, prepare(generate_task("lookup", 1, n_shots=4)[0], tok), None, "multi_turn")
+
+
+def test_chat_session_budget_at_question_keeps_history_whole_until_asked():
+    tok, model = char_tokenizer(), tiny_llama()
+    chat = S.ChatSession(model, tok, kk.ShotKV(0.4, policy="skip"), system="Be brief.", window=64, page_size=4,
+                         budget="at_question")
+    for user, assistant in [("Red: apple.", "Noted, apple."), ("Yellow: banana.", "Noted, banana."),
+                            ("Green: kale.", "Noted, kale.")]:
+        chat.add_exchange(user, assistant)
+        assert chat.history[-1]["recompress"] is None and chat.history[-1]["kept_fraction"] == 1.0
+    chat.ask("Which was green?", max_new_tokens=4, do_sample=False)
+    h = chat.history[-1]
+    c0 = h["current"][0]
+    assert h["kept_fraction_at_question"] <= 0.45 and len(h["segments"]) == 3
+    for layer in range(chat.cache.kv.num_layers):
+        for held in _held(chat.cache, layer).values():
+            assert set(range(c0, h["prompt_len"])) <= held
+            for s, e in h["segments"]:
+                assert held & set(range(s, e)) in (set(), set(range(s, e)))
+    with pytest.raises(ValueError, match="budget"):
+        S.ChatSession(model, tok, None, budget="sometimes")
+
+
+@pytest.mark.slow
+def test_chat_session_on_smollm2(smollm2):
+    """SmolLM2-135M-Instruct with its own chat template: a multi_turn eval conversation (8 fact turns, then
+    a question) under ShotKV at 30 % of the conversation after every turn: past exchanges kept or dropped
+    whole in every layer, system prompt and the current turn held, the memory really freed, and on this
+    example (one the full cache answers) the answer still right."""
+    from kvpress_kernels.evaluation.tasks import CHAT_SYSTEM, generate_task
+
+    model, tok = smollm2
+    ex = generate_task("multi_turn", 30, seed=0)[27]
+    answers, chats = {}, {}
+    for name, method in [("full", None), ("shotkv", kk.ShotKV(0.3, decode_keep_ratio=1.0))]:
+        chat = S.ChatSession(model, tok, method, system=CHAT_SYSTEM, window=128)
+        for user, assistant in ex.chat:
+            chat.add_exchange(user, assistant)
+            c0, c1 = chat.history[-1]["current"]
+            assert tok.decode(chat.ids[c0:c1]) == f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{assistant}"
+        answers[name] = chat.ask(ex.chat_question, max_new_tokens=ex.max_new_tokens, do_sample=False)
+        chats[name] = chat
+    assert ex.answer in answers["full"] and ex.answer in answers["shotkv"]
+    chat = chats["shotkv"]
+    h = chat.history[-1]
+    assert tok.decode(chat.ids[slice(*chat.system_span)]) == f"<|im_start|>system\n{CHAT_SYSTEM}<|im_end|>\n"
+    assert all(tok.decode(chat.ids[s:e]).startswith("<|im_start|>user\n") for s, e in h["segments"])
+    assert h["kept_fraction_at_question"] <= 0.3
+    dropped = 0
+    for layer in range(chat.cache.kv.num_layers):
+        for held in _held(chat.cache, layer).values():
+            assert set(range(*chat.system_span)) | set(range(h["current"][0], h["prompt_len"])) <= held
+            for s, e in h["segments"]:
+                inside = held & set(range(s, e))
+                assert inside in (set(), set(range(s, e)))
+                dropped += not inside
+    assert dropped > 0
+    assert chat.cache.kv.bytes_in_use() < 0.5 * chats["full"].cache.kv.bytes_in_use()

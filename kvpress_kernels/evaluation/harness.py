@@ -8,6 +8,14 @@ Settings (reported apart):
   the compressed cache (as one multi-token step) and the answer generated — what kvpress's pipeline
   does when the question arrives later. The question's tokens are prompt (an extension of the
   compressed prefill), so a decoding phase (ShotKV's, H2O's) never evicts them.
+- ``multi_turn`` (not in the default sweep; the ``multi_turn`` task only): a chat over the tokenizer's
+  chat template (:class:`~kvpress_kernels.sessions.ChatSession`): fact turns, each acknowledged, the
+  cache re-compressed to the keep ratio of the conversation so far after every turn (ShotKV keeps or
+  drops whole past exchanges; SnapKV / StreamingLLM re-select tokens by their own rules; the latest turn
+  is protected and is the observation window), then a turn asking for one fact. ``kv_kept`` is the
+  fraction of the conversation held when the question is answered. ``multi_turn_at_question``: the same
+  conversation with the budget enforced only when the question is asked (history kept whole until then:
+  query-aware re-compression of the whole chat).
 - ``multi_question`` (not in the default sweep): the context alone is prefilled and compressed once;
   every question of the example (the main one, then ``multi_answer``'s follow-ups) is answered from
   its own copy of that cache (:meth:`PagedCache.fork`: the copies share the context's pages), which
@@ -55,12 +63,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .tasks import TASK_NAMES, Example, answer_line, generate_task, score
 
-SETTINGS = ("query_aware", "query_agnostic", "multi_question")
+SETTINGS = ("query_aware", "query_agnostic", "multi_question", "multi_turn", "multi_turn_at_question")
 
 
 @dataclass
 class EvalConfig:
-    tasks: List[str] = field(default_factory=lambda: list(TASK_NAMES))
+    tasks: List[str] = field(default_factory=lambda: [t for t in TASK_NAMES if t != "multi_turn"])
     methods: List[str] = field(default_factory=lambda: ["shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
                                                         "streamingllm", "h2o"])
     keep_ratios: List[float] = field(default_factory=lambda: [0.1, 0.3, 0.5])
@@ -180,6 +188,9 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
     from ..integrations.transformers import compress
 
     ex = prep.example
+    if setting in ("multi_turn", "multi_turn_at_question"):
+        return _run_multi_turn(model, tok, ex, method, backend,
+                               "every_turn" if setting == "multi_turn" else "at_question")
     eos = {i for i in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None)) if isinstance(i, int)}
     min_steps = 2 if setting == "query_aware" else 1      # the step whose logits the KL compares
     extra = sum(len(tok(q)["input_ids"]) + 2 + ex.max_new_tokens for q, _ in ex.turns)
@@ -225,6 +236,38 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
         cache.finish()
         stats = cache.stats()
     return RunOutput(texts, n_new, lp, stats, time.perf_counter() - t0)
+
+
+def _run_multi_turn(model, tok, ex: Example, method, backend: Optional[str], budget: str) -> RunOutput:
+    """The ``multi_turn`` setting: the example's chat through a :class:`~kvpress_kernels.sessions.ChatSession`
+    — fact turns appended with their given acknowledgement, the budget enforced after each (past exchanges
+    are segments for ShotKV, the latest turn protected and the observation window), then the question asked
+    and the answer generated greedily. ``kv_tokens_after_prefill`` / ``prompt_lengths`` describe the cache
+    when the question is answered (after its re-compression), so ``kv_kept`` is the fraction of the
+    conversation held then."""
+    import torch
+
+    from ..sessions import ChatSession
+    from .tasks import CHAT_SYSTEM
+
+    if not ex.chat:
+        raise ValueError(f"the multi_turn setting needs a task with chat turns (multi_turn), got task {ex.task!r}")
+    t0 = time.perf_counter()
+    chat = ChatSession(model, tok, method, system=CHAT_SYSTEM, window=128, budget=budget, backend=backend)
+    for user, assistant in ex.chat:
+        chat.add_exchange(user, assistant)
+    text = chat.ask(ex.chat_question, max_new_tokens=ex.max_new_tokens, do_sample=False)
+    lp = torch.log_softmax(chat.last_scores[0][0].float(), -1)
+    h = chat.history[-1]
+    st = chat.cache.stats()
+    kv = chat.cache.kv
+    rows = kv.num_layers * kv.num_kv_heads
+    at_q = h["prompt_len"] - 1                                   # tokens when the question's budget is enforced
+    held_q = rows * at_q if h["recompress"] is None else int(sum(map(sum, (map(sum, r) for r in h["recompress"]["kept"]))))
+    st.update({"prompt_lengths": [at_q], "kv_tokens_after_prefill": held_q, "turns": len(chat.history),
+               "conversation_tokens": h["seen"]})
+    chat.close()
+    return RunOutput([text], h["answer_tokens"], lp, st, time.perf_counter() - t0)
 
 
 def kl_divergence(lp_ref, lp) -> float:

@@ -12,6 +12,10 @@ chat template. The tasks are built so that keeping *whole* shots should matter:
 - ``pattern``      format following: shots swap two words (``Q: red fox`` -> ``A: fox red``).
 - ``passkey``      passkey retrieval: a 5-digit key hidden in one paragraph of filler; the paragraphs
                    are the shots.
+- ``multi_turn``   a chat (the tokenizer's chat template): fact turns ("The code of the {word} is
+                   {code}."), each acknowledged, then a turn asking for one code; the harness's
+                   ``multi_turn`` setting runs it as a :class:`~kvpress_kernels.sessions.ChatSession`
+                   compressed after every turn (scored: the code appears in the answer).
 - ``multi_answer`` multi-answer generation (the decoding phase): lookup shots, then several questions
                    asked one after another, each answered by the model before the next is appended
                    (scored as the fraction of turns right). SmolLM2-135M cannot list several codes
@@ -29,6 +33,7 @@ inside the compressed prompt) and *query-agnostic* (context compressed first, qu
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -78,6 +83,10 @@ class Example:
     turns : list of (question, answer)
         ``multi_answer`` only: the follow-up questions, each fed (after a blank line) once the previous
         answer line is generated.
+    chat : list of (user, assistant)
+        ``multi_turn`` only: the conversation's fact turns, in order (the assistant messages are given).
+    chat_question : str
+        ``multi_turn`` only: the last user message (asks for ``answer``).
     """
 
     task: str
@@ -91,6 +100,8 @@ class Example:
     max_new_tokens: int
     items: List[str] = field(default_factory=list)
     turns: List[Tuple[str, str]] = field(default_factory=list)
+    chat: List[Tuple[str, str]] = field(default_factory=list)
+    chat_question: str = ""
 
     @property
     def prompt(self) -> str:
@@ -181,12 +192,38 @@ def make_multi_answer(i: int, n: int, rng: random.Random, n_shots: int = 24, n_t
                    items=items, turns=list(zip(qs[1:], items[1:])))
 
 
+#: System prompt of the ``multi_turn`` conversations.
+CHAT_SYSTEM = "You are a helpful assistant. Remember the codes the user tells you."
+#: The assistant's (given) acknowledgement of each fact turn: it restates the fact (SmolLM2-135M answers
+#: 5/6 of the questions right with the full cache after such turns, 0/6 after a bare "OK.", which it
+#: then repeats as its answer).
+CHAT_ACK = "Noted: the code of the {word} is {code}."
+
+
+def make_multi_turn(i: int, n: int, rng: random.Random, n_shots: int = 8) -> Example:
+    """A chat: each of ``n_shots`` user turns states one fact ("The code of the {word} is {code}."), the
+    assistant acknowledges it (:data:`CHAT_ACK`, given, not generated); the last user turn asks for one of
+    the codes (at the balanced depth). ``chat`` holds the fact turns as (user, assistant) and ``chat_question``
+    the last one; scored by :func:`score` as whether the code appears in the answer (a chat answer is a
+    sentence, not an answer line). ``context``/``question`` hold the same facts as plain ``Q:/A:`` shots,
+    so the other settings can run the task too."""
+    words = rng.sample(WORDS, n_shots)
+    codes = _codes(rng, n_shots)
+    j = _balanced_index(i, n, n_shots)
+    context, spans = _join_shots([f"Q: What is the code of the {w}?\nA: {c}" for w, c in zip(words, codes)])
+    return Example("multi_turn", i, context, f"Q: What is the code of the {words[j]}?\nA:", codes[j], spans, j,
+                   j / n_shots, max_new_tokens=16,
+                   chat=[(f"The code of the {w} is {c}.", CHAT_ACK.format(word=w, code=c)) for w, c in zip(words, codes)],
+                   chat_question=f"What is the code of the {words[j]}?")
+
+
 GENERATORS: Dict[str, Callable[..., Example]] = {
     "lookup": make_lookup,
     "arithmetic": make_arithmetic,
     "pattern": make_pattern,
     "passkey": make_passkey,
     "multi_answer": make_multi_answer,
+    "multi_turn": make_multi_turn,
 }
 TASK_NAMES = tuple(GENERATORS)
 
@@ -213,6 +250,8 @@ def score(example: Example, generated) -> float:
         outs = [generated] if isinstance(generated, str) else list(generated)
         return sum(1.0 for k, want in enumerate(example.items)
                    if k < len(outs) and answer_line(outs[k]).rstrip(".") == want) / len(example.items)
+    if example.task == "multi_turn":
+        return 1.0 if re.search(rf"(?<!\d){re.escape(example.answer)}(?!\d)", generated or "") else 0.0
     line = answer_line(generated)
     if example.task == "passkey":
         line = line.rstrip(".").split()[-1] if line else line

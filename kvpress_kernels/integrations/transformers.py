@@ -245,6 +245,9 @@ class PagedCache(MaxLengthCompat, Cache):
         self._bytes_after_prefill: Optional[int] = None
         self._tokens_after_prefill: Optional[int] = None
         self.lengths_after_prefill: Optional[np.ndarray] = None
+        #: Optional :class:`kvpress_kernels.sessions.QueryWindow`: records the last queries fed per layer
+        #: (what :func:`kvpress_kernels.sessions.recompress` scores with); ``None``: nothing recorded.
+        self.query_window = None
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -321,6 +324,8 @@ class PagedCache(MaxLengthCompat, Cache):
         self._ext_ranges = []
         self._next_is_prompt = False
         self._prefilled = [False] * self.spec.num_layers
+        if self.query_window is not None:
+            self.query_window.clear()
 
     # -------------------------------------------------------------- prompt reuse
     def fork(self) -> "PagedCache":
@@ -344,6 +349,7 @@ class PagedCache(MaxLengthCompat, Cache):
             if getattr(self, name) is not None:
                 setattr(new, name, getattr(self, name).copy())
         new.kv = None if self.kv is None else self.kv.fork()
+        new.query_window = None if self.query_window is None else self.query_window.fork()
         return new
 
     def __deepcopy__(self, memo) -> "PagedCache":
@@ -432,6 +438,8 @@ class PagedCache(MaxLengthCompat, Cache):
         kv = self.kv
         k_p, v_p = self._pack(key), self._pack(value)
         self._prefilled[layer] = True
+        if self.query_window is not None:
+            self.query_window.record_prefill(layer, self._pack(query), self._prompt_lengths, float(scale))
         ev = None
         if self.method is not None:
             span = _Span(key.device)
@@ -451,6 +459,8 @@ class PagedCache(MaxLengthCompat, Cache):
     # -------------------------------------------------------------- decoding
     def _decode(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         kv = self.kv
+        if self.query_window is not None:
+            self.query_window.record(layer, query, float(scale))
         table, lengths = kv.layer_view(layer)
         # Only the pages that hold tokens (the host knows the longest row): the attention, its
         # probabilities and the positions then span S = used pages * page_size slots, not the capacity.
