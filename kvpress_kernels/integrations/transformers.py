@@ -245,6 +245,9 @@ class PagedCache(MaxLengthCompat, Cache):
         self._bytes_after_prefill: Optional[int] = None
         self._tokens_after_prefill: Optional[int] = None
         self.lengths_after_prefill: Optional[np.ndarray] = None
+        #: ``fn(layer, query [B, Hq, T, D], scale)`` called after the paged attention of every forward that
+        #: follows the prefill (KVzip reads its reconstruction queries there); ``None``: nothing called.
+        self.attention_observer = None
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -348,6 +351,30 @@ class PagedCache(MaxLengthCompat, Cache):
 
     def __deepcopy__(self, memo) -> "PagedCache":
         return self.fork()
+
+    def evict(self, kept_idx, new_lengths=None) -> None:
+        """Evict from the filled cache: per (layer, sequence, kv head) keep only the slots listed.
+
+        ``kept_idx``: ``[layers, batch, kv_heads, K]`` (one compaction call) or a list with one
+        ``[batch, kv_heads, K_l]`` per layer, slots strictly ascending then ``-1`` (as in
+        :class:`~kvpress_kernels.methods.Eviction`); ``new_lengths``: the kept counts (host ints of the
+        same leading shape), optional. Each row then holds its own length and the freed pages go back to
+        the pool (shared pages copy on write first). Compression that needs every layer's scores before
+        it evicts (KVzip's budget shared across layers) runs through this after the prefill; the
+        ``*_after_prefill`` statistics then describe the evicted cache."""
+        if self.kv is None:
+            raise RuntimeError("PagedCache.evict: the cache holds nothing yet (prefill it first)")
+        if isinstance(kept_idx, torch.Tensor):
+            self.kv.compact_all(kept_idx, new_lengths=new_lengths)
+        else:
+            if len(kept_idx) != self.spec.num_layers:
+                raise ValueError(f"kept_idx must hold one tensor per layer ({self.spec.num_layers}), got {len(kept_idx)}")
+            for layer, kept in enumerate(kept_idx):
+                self.kv.compact(layer, kept, new_lengths=None if new_lengths is None else new_lengths[layer])
+        if self._extended == 0 and self._generated == 0:
+            self._bytes_after_prefill = self.kv.bytes_in_use()
+            self.lengths_after_prefill = self.kv.seq_lengths()
+            self._tokens_after_prefill = int(self.lengths_after_prefill.sum())
 
     def release(self) -> None:
         """Give this cache's pages back (pages a fork still owns stay with it) and forget everything."""
@@ -465,6 +492,8 @@ class PagedCache(MaxLengthCompat, Cache):
         else:
             out, probs = paged_decode_attention(query, kv.k_pages, kv.v_pages, table, lengths, scale=float(scale),
                                                 causal=True, return_probs=want_probs, backend=self._attn_backend)
+        if self.attention_observer is not None:
+            self.attention_observer(layer, query, float(scale))
         if self._decode_hook:
             B, H = table.shape[0], table.shape[1]
             S = used * kv.page_size
@@ -601,6 +630,23 @@ class CompressionSession:
     def new_cache(self, shots=None, max_new_tokens: Optional[int] = None) -> PagedCache:
         return PagedCache(self.model, self.method, shots=self.shots if shots is None else shots,
                           page_size=self.page_size, backend=self.backend, max_new_tokens=max_new_tokens)
+
+    def prefill(self, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None, tokenizer=None,
+                max_new_tokens: Optional[int] = None) -> PagedCache:
+        """Prefill a context once and compress it, for prompt reuse: ``model(input_ids, past_key_values=cache)``
+        on a new cache, then, for a method that compresses after the whole prefill (``compress_prefilled``:
+        :class:`~kvpress_kernels.methods.KVzip`, which needs ``tokenizer`` for its repeat prompt), that step.
+        Returns the cache; fork it per question (``model.generate(context + question, past_key_values=
+        cache.fork(), ...)``)."""
+        cache = self.new_cache(max_new_tokens=max_new_tokens)
+        with torch.no_grad():
+            self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+            hook = getattr(self.method, "compress_prefilled", None)
+            if hook is not None:
+                hook(self.model, cache, input_ids, tokenizer=tokenizer)
+        self.cache = cache
+        return cache
 
     def generate(self, *args, **kwargs):
         model = self.model
