@@ -245,9 +245,10 @@ class PagedCache(MaxLengthCompat, Cache):
         self._bytes_after_prefill: Optional[int] = None
         self._tokens_after_prefill: Optional[int] = None
         self.lengths_after_prefill: Optional[np.ndarray] = None
-        #: ``fn(layer, query [B, Hq, T, D], scale)`` called after the paged attention of every forward that
-        #: follows the prefill (KVzip reads its reconstruction queries there); ``None``: nothing called.
-        self.attention_observer = None
+        #: ``fn(layer, query [B, Hq, T, D], scale) -> out [B, Hq, T, D] or None``, called in place of the paged
+        #: attention of every forward after the prefill (the new K/V are already appended); returning ``None``
+        #: runs the paged attention. KVzip computes its reconstruction attention and scores there, on a fork.
+        self.attention_hook = None
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -478,6 +479,10 @@ class PagedCache(MaxLengthCompat, Cache):
     # -------------------------------------------------------------- decoding
     def _decode(self, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
         kv = self.kv
+        if self.attention_hook is not None:
+            out = self.attention_hook(layer, query, float(scale))
+            if out is not None:
+                return out
         table, lengths = kv.layer_view(layer)
         # Only the pages that hold tokens (the host knows the longest row): the attention, its
         # probabilities and the positions then span S = used pages * page_size slots, not the capacity.
@@ -492,8 +497,6 @@ class PagedCache(MaxLengthCompat, Cache):
         else:
             out, probs = paged_decode_attention(query, kv.k_pages, kv.v_pages, table, lengths, scale=float(scale),
                                                 causal=True, return_probs=want_probs, backend=self._attn_backend)
-        if self.attention_observer is not None:
-            self.attention_observer(layer, query, float(scale))
         if self._decode_hook:
             B, H = table.shape[0], table.shape[1]
             S = used * kv.page_size

@@ -63,7 +63,7 @@ import torch
 
 from .. import _validate as V
 from ..ops.head_budget import select_head_budget
-from ..ops.scoring import attention_mass_paged
+from ..ops.scoring import attention_mass, attention_mass_paged
 from .base import CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, to_device
 from .chunkkv import ChunkKV
 from .shotkv import ShotKV
@@ -112,6 +112,43 @@ def reconstruction_chunks(context_ids: torch.Tensor, prompts: Dict[str, List[int
         parts += [torch.tensor([prompts["suffix"]], dtype=body.dtype, device=body.device).expand(B, -1), c]
         out.append(torch.cat(parts, dim=1))
     return out
+
+
+class _Done(Exception):
+    """Raised from the last layer's attention hook: the reconstruction pass has every score it needs."""
+
+
+def _dense_rows(kv, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V ``[B, Hkv, N, D]`` of a layer whose rows all hold ``N`` tokens (whole pages, one gather each)."""
+    table, _ = kv.layer_view(layer)
+    N = kv.max_length(layer)
+    P = -(-N // kv.page_size)
+    B, H = table.shape[0], table.shape[1]
+    pages = table[:, :, :P].reshape(-1).long()
+    k = kv.k_pages.index_select(0, pages).view(B, H, P * kv.page_size, -1)[:, :, :N]
+    v = kv.v_pages.index_select(0, pages).view(B, H, P * kv.page_size, -1)[:, :, :N]
+    return k, v
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Causal attention of the last ``T`` positions (``q [B, Hq, T, D]``) over ``k, v [B, Hkv, N, D]``, and its
+    natural-log LSE ``[B, Hq, T]``: torch's tiled CPU flash attention (no ``[T, N]`` matrix per head kept),
+    else an explicit softmax."""
+    B, Hq, T, D = q.shape
+    G = Hq // k.shape[1]
+    N = k.shape[2]
+    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    j = torch.arange(N, device=q.device)
+    hidden = j.view(1, N) > (N - T + torch.arange(T, device=q.device)).view(T, 1)
+    mask = torch.zeros(T, N, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kr, vr, 0.0, False, attn_mask=mask,
+                                                                               scale=scale)[:2]
+        return out, lse
+    except Exception:  # pragma: no cover - an older torch without the op
+        logits = torch.matmul(q.float() * scale, kr.float().transpose(-1, -2)) + mask
+        lse = torch.logsumexp(logits, dim=-1)
+        return torch.matmul((logits - lse.unsqueeze(-1)).exp(), vr.float()).to(q.dtype), lse
 
 
 class _LayerScores:
@@ -241,14 +278,36 @@ class KVzip(CompressionMethod):
         scores = torch.zeros(spec.num_layers, B, spec.num_kv_heads, n, dtype=torch.float32, device=cache.kv.device)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         backend = cache.backend
+        last_layer = spec.num_layers - 1
 
-        def observe(layer: int, query: torch.Tensor, scale: float) -> None:
+        def hook(layer: int, query: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+            # the fork's rows all hold n + T tokens (nothing evicted yet): context, then this chunk's tokens
             kv = fork.kv
             table, lens = kv.layer_view(layer)
-            s = attention_mass_paged(query.contiguous(), kv.k_pages, table, lens, max_len=kv.max_length(layer),
-                                     scale=scale, causal=True, head_reduce="group_max", query_reduce="max",
-                                     backend=backend)
+            query = query.contiguous()
+            if query.device.type == "cpu":
+                # CPU: one fused attention call that also returns the LSE, then only the max pass of the op
+                k, v = _dense_rows(kv, layer)
+                out, lse = _attention_with_lse(query, k, v, scale)
+                # Only the n context keys need scores, and every reconstruction query sees all of them: the op
+                # runs non-causally over those keys alone with the full LSE (probabilities of the whole
+                # causal softmax), in query blocks of at most n (its W <= keys rule), half the work of
+                # scoring the reconstruction keys too.
+                kc = k[:, :, :n]
+                T = query.shape[2]
+                s = None
+                for w0 in range(0, T, n):
+                    part = attention_mass(query[:, :, w0:w0 + n], kc, scale=scale, lse=lse[:, :, w0:w0 + n],
+                                          causal=False, head_reduce="group_max", query_reduce="max", backend=backend)
+                    s = part if s is None else torch.maximum(s, part)
+            else:
+                out = None        # the paged attention runs; the op computes the LSE itself
+                s = attention_mass_paged(query, kv.k_pages, table, lens, max_len=kv.max_length(layer), scale=scale,
+                                         causal=True, head_reduce="group_max", query_reduce="max", backend=backend)
             torch.maximum(scores[layer], s[..., :n], out=scores[layer])
+            if layer == last_layer:
+                raise _Done       # the last layer's MLP, the final norm and the LM head are not needed
+            return out
 
         _register()
         prev = model.config._attn_implementation
@@ -257,9 +316,11 @@ class KVzip(CompressionMethod):
             with torch.no_grad():
                 for ids in reconstruction_chunks(context_ids, prompts, self.chunk_size):
                     fork = cache.fork()
-                    fork.attention_observer = observe
+                    fork.attention_hook = hook
                     try:
                         decoder(input_ids=ids.to(scores.device), past_key_values=fork, use_cache=True)
+                    except _Done:
+                        pass
                     finally:
                         fork.release()
         finally:

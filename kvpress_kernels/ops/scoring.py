@@ -267,25 +267,38 @@ def _max_rows_ref(q: torch.Tensor, kd: torch.Tensor, lens: torch.Tensor, scale: 
     shift = lse.float().reshape(B, Hkv, G, W)
     shift = torch.where(shift == float("-inf"), torch.zeros((), device=dev), shift)
     kf = kd.float()
+    # as in _mass_rows_ref: on CPU the lengths are read on the host, and when every row is full only the
+    # causal triangle (the last W - 1 keys) needs a mask
     host = dev.type == "cpu" and not torch.compiler.is_compiling()
-    l_max = int(lens.max()) if host else N
+    l_min, l_max = (int(lens.min()), int(lens.max())) if host else (0, N)
+    uniform = host and l_min == l_max
     j = torch.arange(N, device=dev)
     valid_key = j.view(1, 1, N) < lens.view(B, Hkv, 1)                                  # [B, Hkv, N]
     c = max(1, min(W, _REF_CHUNK_ELEMS // max(1, B * Hq * N)))
+    buf = torch.empty(B * Hq * c * N, dtype=torch.float32, device=dev)
     for w0 in range(0, W, c):
         w1 = min(W, w0 + c)
         cw = w1 - w0
         n_vis = max(0, min(N, l_max - W + w1) if causal else l_max)
         if n_vis == 0:
             continue
-        qc = q[:, :, w0:w1].float().mul(scale).reshape(B, Hkv, G * cw, D)
-        s = torch.matmul(qc, kf[:, :, :n_vis].transpose(-1, -2)).view(B, Hkv, G, cw, n_vis)
-        s.sub_(shift[..., w0:w1].unsqueeze(-1)).exp_()
-        vis = valid_key[..., :n_vis].unsqueeze(2)                                       # [B, Hkv, 1, n_vis]
-        if causal:
-            last = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, cw)
-            vis = vis & (j[:n_vis].view(1, 1, 1, n_vis) <= last.unsqueeze(-1))          # [B, Hkv, cw, n_vis]
-        s.masked_fill_(~vis.unsqueeze(2), 0.0)
+        qc = q[:, :, w0:w1].float().mul(scale).reshape(B * Hkv, G * cw, D)
+        s = buf[: B * Hq * cw * n_vis].view(B, Hkv, G, cw, n_vis)
+        # logits minus the LSE straight from one baddbmm, exponentiated in place: the probabilities
+        torch.baddbmm(shift[..., w0:w1].neg().reshape(B * Hkv, G * cw, 1), qc,
+                      kf[:, :, :n_vis].reshape(B * Hkv, n_vis, D).transpose(1, 2), out=s.view(B * Hkv, G * cw, n_vis))
+        s.exp_()
+        if uniform:
+            first = max(0, l_max - W + w0 + 1) if causal else n_vis
+            if first < n_vis:
+                pos = l_max - W + torch.arange(w0, w1, device=dev)
+                s[..., first:].masked_fill_(j[first:n_vis].view(1, -1) > pos.view(-1, 1), 0.0)
+        else:
+            vis = valid_key[..., :n_vis].unsqueeze(2)                                   # [B, Hkv, 1, n_vis]
+            if causal:
+                last = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, cw)
+                vis = vis & (j[:n_vis].view(1, 1, 1, n_vis) <= last.unsqueeze(-1))      # [B, Hkv, cw, n_vis]
+            s.masked_fill_(~vis.unsqueeze(2), 0.0)
         torch.maximum(out[..., :n_vis], s.amax(dim=3), out=out[..., :n_vis])
     return out.view(B, Hq, N)
 
