@@ -108,6 +108,22 @@ def test_scores_match_eager_attention(model, chunk_size):
     assert cache.get_seq_length() == 60
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_scores_device_path(model, monkeypatch, backend):
+    # the path a GPU takes (paged decode attention, then the paged scoring op with its own LSE pass), on CPU
+    import kvpress_kernels.methods.kvzip as KZ
+    monkeypatch.setattr(KZ, "_CPU_FUSED", False)
+    ctx = context(40)
+    m = KVzip(0.3, tokenizer=TOK, chunk_size=30)
+    with kk.compress(model, m, backend=backend) as session:
+        cache = session.new_cache()
+        with torch.no_grad():
+            model(ctx, past_key_values=cache, use_cache=True)
+        got = m.reconstruction_scores(model, cache, ctx)
+    torch.testing.assert_close(got.double(), eager_scores(model, ctx, 30), rtol=1e-4, atol=1e-6)
+    assert (cache.kv.seq_lengths() == 40).all()
+
+
 # ------------------------------------------------------------------ the global selection
 def test_global_budget_across_layers_and_heads(model):
     n, keep = 60, 0.3

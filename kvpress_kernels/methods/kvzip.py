@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from .. import _validate as V
+from ..ops.decode_attention import paged_decode_attention
 from ..ops.head_budget import select_head_budget
 from ..ops.scoring import attention_mass, attention_mass_paged
 from .base import CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, to_device
@@ -112,6 +113,12 @@ def reconstruction_chunks(context_ids: torch.Tensor, prompts: Dict[str, List[int
         parts += [torch.tensor([prompts["suffix"]], dtype=body.dtype, device=body.device).expand(B, -1), c]
         out.append(torch.cat(parts, dim=1))
     return out
+
+
+#: CPU: the reconstruction attention and its LSE from one fused CPU attention call, then the op's max pass
+#: over the context keys. Elsewhere (and with this off, which the tests use to run the device path on CPU):
+#: the paged decode attention, then the paged scoring op with its own LSE pass.
+_CPU_FUSED = True
 
 
 class _Done(Exception):
@@ -277,15 +284,17 @@ class KVzip(CompressionMethod):
         spec = cache.spec
         scores = torch.zeros(spec.num_layers, B, spec.num_kv_heads, n, dtype=torch.float32, device=cache.kv.device)
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-        backend = cache.backend
+        backend = None if cache.backend == "cuda" else cache.backend     # the scoring op has no CUDA kernel
         last_layer = spec.num_layers - 1
+        keep_context = torch.arange(n, dtype=torch.int32, device=scores.device).expand(B, spec.num_kv_heads, n)
+        context_lengths = np.full((B, spec.num_kv_heads), n, dtype=np.int64)
 
         def hook(layer: int, query: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
             # the fork's rows all hold n + T tokens (nothing evicted yet): context, then this chunk's tokens
             kv = fork.kv
             table, lens = kv.layer_view(layer)
             query = query.contiguous()
-            if query.device.type == "cpu":
+            if query.device.type == "cpu" and _CPU_FUSED:
                 # CPU: one fused attention call that also returns the LSE, then only the max pass of the op
                 k, v = _dense_rows(kv, layer)
                 out, lse = _attention_with_lse(query, k, v, scale)
@@ -301,10 +310,15 @@ class KVzip(CompressionMethod):
                                           causal=False, head_reduce="group_max", query_reduce="max", backend=backend)
                     s = part if s is None else torch.maximum(s, part)
             else:
-                out = None        # the paged attention runs; the op computes the LSE itself
+                used = -(-kv.max_length(layer) // kv.page_size)
+                out, _ = paged_decode_attention(query, kv.k_pages, kv.v_pages, table[..., :used], lens, scale=scale,
+                                                causal=True, backend=fork._attn_backend)
                 s = attention_mass_paged(query, kv.k_pages, table, lens, max_len=kv.max_length(layer), scale=scale,
                                          causal=True, head_reduce="group_max", query_reduce="max", backend=backend)
             torch.maximum(scores[layer], s[..., :n], out=scores[layer])
+            # this layer is done with the chunk's tokens: give their pages back now (the next layer appends
+            # into them), so the reconstruction holds one layer's worth of extra pages, not every layer's
+            kv.compact(layer, keep_context, new_lengths=context_lengths)
             if layer == last_layer:
                 raise _Done       # the last layer's MLP, the final norm and the LM head are not needed
             return out
