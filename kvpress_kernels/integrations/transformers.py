@@ -418,7 +418,7 @@ class PagedCache(MaxLengthCompat, Cache):
             # stable sort of "is padding": real tokens first, in order
             self._pack_idx = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :n_max]
         shots = normalize_batch_shots(self.shots, lengths.tolist())
-        frac = 1.0 if self.method is None else min(1.0, self.method.expected_keep_fraction())
+        frac = 1.0 if self.method is None else self.method.expected_keep_fraction()   # > 1: scratch (KVzip)
         # prefill stores only the kept tokens (scored first), so no layer ever holds the full prompt
         pages_kept = -(-int(np.ceil(frac * n_max)) // self.page_size)
         pages_new = -(-(self.max_new_tokens or 0) // self.page_size)

@@ -247,7 +247,10 @@ class KVzip(CompressionMethod):
         self.scores = None
 
     def expected_keep_fraction(self) -> float:
-        return 1.0        # the prefill stores the whole context; compress_prefilled evicts afterwards
+        # The prefill stores the whole context (compress_prefilled evicts afterwards), and the reconstruction
+        # appends one layer's chunk at a time to a fork sharing the pool: 1/8 headroom holds that for models
+        # of >= ~10 layers, where a pool that had to grow would double (old and new pools alive at once).
+        return 1.125
 
     def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
         return None       # scores need the reconstruction pass, after every layer is prefilled
