@@ -283,3 +283,20 @@ def test_bad_input(model):
         with pytest.raises(TypeError, match="cache"):
             m.compress_prefilled(model, object(), ctx, tokenizer=TOK)
     assert (cache.kv.seq_lengths() == 32).all()                          # the rejected calls changed nothing
+
+
+def test_paged_cache_evict_checks(model):
+    ctx = context(30)
+    with kk.compress(model, None) as session:
+        empty = session.new_cache()
+        with pytest.raises(RuntimeError, match="prefill"):
+            empty.evict([])
+        cache = session.prefill(ctx)
+    with pytest.raises(ValueError, match="one tensor per layer"):
+        cache.evict([torch.arange(5, dtype=torch.int32).expand(1, 2, 5)])
+    with pytest.raises(ValueError, match="kept_idx"):
+        cache.evict(torch.zeros(2, 1, 3, 5, dtype=torch.int32))          # 3 kv heads: the cache has 2
+    assert (cache.kv.seq_lengths() == 30).all()                          # the rejected calls changed nothing
+    keep = [torch.arange(10, dtype=torch.int32).expand(1, 2, 10).contiguous()] * 2
+    cache.evict(keep)
+    assert (cache.kv.seq_lengths() == 10).all() and cache.stats()["kv_tokens_after_prefill"] == 40
