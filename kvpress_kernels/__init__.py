@@ -8,8 +8,8 @@ from ._backend import info  # noqa: E402,F401
 # Methods, the paged cache and the transformers entry points (issue 4). The transformers integration is
 # imported on first use, so that `import kvpress_kernels` does not pay for importing transformers.
 from .cache import PagedKVCache  # noqa: E402,F401
-from .methods import (H2O, AdaKV, TOVA, ChunkKV, CompressionMethod, KNorm, PyramidKV, ShotKV, SnapKV,  # noqa: E402,F401
-                      StreamingLLM)
+from .methods import (H2O, AdaKV, TOVA, ChunkKV, CompressionMethod, KNorm, KVzip, PyramidKV, ShotKV,  # noqa: E402,F401
+                      SnapKV, StreamingLLM)
 from .shots import ChatSegments, find_chat_turns, find_paragraphs, find_shots  # noqa: E402,F401
 from .sessions import ChatSession, QueryWindow, evict, recompress, record_queries  # noqa: E402,F401
 

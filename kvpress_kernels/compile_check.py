@@ -201,6 +201,21 @@ def _cases() -> list[Case]:
                     k = torch.zeros(1, 2, N, D, dtype=dtype)
                     S._mass_triton(q, k, None, lens, N, D ** -0.5, None, causal, reduce, None, 1, None)
             add("scoring", f"W={W} causal={int(causal)} paged={int(paged)} reduce={reduce}", dt, D, run)
+        # query_reduce="max" (KVzip's score: the reconstruction queries, W ~ N, causal, paged, group max)
+        for W, paged in ((256, True), (32, False)):
+            if not paged and not full:
+                continue
+            def run(dtype=dtype, D=D, W=W, paged=paged):
+                G, N = 4, 256
+                q = torch.zeros(1, 2 * G, W, D, dtype=dtype)
+                lens = torch.full((1, 2), N, dtype=torch.int32)
+                if paged:
+                    kp, _, table, _ = _paged(dtype, D, rows=(1, 2), max_pages=N // 16)
+                    S._mass_triton(q, kp, table, lens, N, D ** -0.5, None, True, "group_max", None, 1, None, "max")
+                else:
+                    k = torch.zeros(1, 2, N, D, dtype=dtype)
+                    S._mass_triton(q, k, None, lens, N, D ** -0.5, None, True, "group_max", None, 1, None, "max")
+            add("scoring", f"W={W} causal=1 paged={int(paged)} reduce=group_max query=max", dt, D, run)
 
     # Score-only kernels (fp32 scores in, no head dim): pooling, segment reduce, selection.
     for pool, end in itertools.product(("avg", "max"), (None, 100)):

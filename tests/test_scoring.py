@@ -634,6 +634,9 @@ def _bad_cases():
         (lambda: S.token_norm(torch.zeros(3, 5)), ValueError, "x"),
         (lambda: S.token_norm(torch.zeros(1, 2, 5, 4), lengths=torch.tensor([6])), ValueError, "lengths"),
         (lambda: S.token_norm(torch.zeros(1, 2, 5, 4), lengths=torch.tensor([[5, 5, 5]])), ValueError, "lengths"),
+        (lambda: S.attention_mass(q, k, query_reduce="mean"), ValueError, "query_reduce"),
+        (lambda: P(q, kp, table, lens2, max_len=9, query_reduce=None), ValueError, "query_reduce"),
+        (lambda: P(q, kp, table, lens2, max_len=9, query_reduce="max"), None, None),
     ]
 
 
@@ -645,3 +648,135 @@ def test_bad_input(case):
         return
     with pytest.raises(exc, match=name):
         fn()
+
+
+# ---------------------------------------------------------------------------------------------
+# query_reduce="max": per key, the max over the queries of the softmax probability (KVzip)
+# ---------------------------------------------------------------------------------------------
+
+def naive_max(q, k, lens, scale, causal):
+    """Per-head max probability [B, Hq, N] in float64; ``lens``: nested list [B][Hkv]."""
+    B, Hq, W, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    out = torch.zeros(B, Hq, N, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            L = int(lens[b][h // G])
+            logits = (q[b, h].double() @ k[b, h // G, :L].double().T) * scale
+            for w in range(W):
+                row = logits[w].clone()
+                if causal:
+                    row[L - W + w + 1:] = float("-inf")
+                out[b, h, :L] = torch.maximum(out[b, h, :L], torch.softmax(row, 0))
+    return out
+
+
+def naive_max_scores(q, k, lens, scale, causal, head_reduce):
+    return naive_reduce(naive_max(q, k, lens, scale, causal), k.shape[1], head_reduce)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (3, 1), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_query_max_reference_matches_naive(causal, Hq, Hkv, dtype):
+    B, W, N, D = 2, 6, 29, 8
+    q, k = make_inputs(B, Hq, Hkv, W, N, D, dtype)
+    lengths = torch.tensor([N, 13])
+    lens = [[int(lengths[b])] * Hkv for b in range(B)]
+    scale = 1 / math.sqrt(D)
+    for hr in HEAD_REDUCES:
+        want = naive_max_scores(q, k, lens, scale, causal, hr)
+        got = S.attention_mass(q, k, lengths=lengths, causal=causal, head_reduce=hr, query_reduce="max")
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, **REF_TOL, msg=f"head_reduce={hr}")
+    # the max is not the sum: the two reductions differ whenever W > 1 (a test that could not tell them apart
+    # would pass a kernel that ignored the flag)
+    mass = S.attention_mass(q, k, lengths=lengths, causal=causal, head_reduce="none")
+    mx = S.attention_mass(q, k, lengths=lengths, causal=causal, head_reduce="none", query_reduce="max")
+    assert (mass - mx).abs().max() > 1e-3 and bool((mx <= mass + 1e-6).all())
+
+
+def test_query_max_reference_given_lse_pooled_and_chunked(monkeypatch):
+    # given LSE = computed LSE; pooling applies after the reduction; tiny chunks (W = N, H2O-sized) agree.
+    B, Hq, Hkv, N, D = 2, 4, 2, 37, 8
+    q, k = make_inputs(B, Hq, Hkv, N, N, D)
+    lengths = torch.tensor([N, 30])
+    lse = S.attention_lse(q[:1], k[:1])
+    base = S.attention_mass(q[:1], k[:1], head_reduce="group_max", query_reduce="max")
+    torch.testing.assert_close(S.attention_mass(q[:1], k[:1], lse=lse, head_reduce="group_max", query_reduce="max"),
+                               base, **REF_TOL)
+    pooled = S.attention_mass(q[:1], k[:1], head_reduce="group_max", query_reduce="max", pool="max", pool_size=3)
+    torch.testing.assert_close(pooled, S.pool_scores(base, "max", 3), **REF_TOL)
+    want = naive_max_scores(q[:, :, 7:], k, [[N] * Hkv, [30] * Hkv], 1 / math.sqrt(D), True, "group_max")
+    monkeypatch.setattr(S, "_REF_CHUNK_ELEMS", 64)
+    got = S.attention_mass(q[:, :, 7:].contiguous(), k, lengths=lengths, head_reduce="group_max",
+                           query_reduce="max")
+    torch.testing.assert_close(got.double(), want, **REF_TOL)
+
+
+@pytest.mark.parametrize("page_size", [1, 5, 16])
+def test_query_max_paged_reference_matches_naive(page_size):
+    B, Hq, Hkv, W, N, D = 2, 6, 3, 4, 41, 8
+    q, k = make_inputs(B, Hq, Hkv, W, N, D)
+    row_lens = torch.randint(W, N + 1, (B, Hkv))
+    row_lens[0, 0] = N
+    k_pages, table = make_paged(k, row_lens, page_size)
+    for causal, hr in ((True, "group_max"), (False, "none"), (True, "all_max")):
+        want = naive_max_scores(q, k, row_lens.tolist(), 1 / math.sqrt(D), causal, hr)
+        got = S.attention_mass_paged(q, k_pages, table, row_lens, max_len=N, causal=causal, head_reduce=hr,
+                                     query_reduce="max")
+        torch.testing.assert_close(got.double(), want, **REF_TOL, msg=f"{hr} causal={causal}")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
+@pytest.mark.parametrize("dtype,Hq,Hkv,W,N,causal,give_lse", [
+    (torch.float32, 4, 2, 5, 70, True, False), (torch.float16, 8, 2, 16, 45, False, True),
+    (torch.float32, 3, 1, 40, 40, True, False), (torch.float16, 4, 4, 33, 97, True, True)])
+def test_query_max_triton_dense_matches_reference(device, dtype, Hq, Hkv, W, N, causal, give_lse, monkeypatch):
+    # 16-key tiles and 16-query blocks so that several tiles and query blocks (and the causal skip) run.
+    monkeypatch.setitem(S._OVERRIDES, "block_n", 16)
+    monkeypatch.setitem(S._OVERRIDES, "block_m", 16)
+    B, D = 2, 16
+    q, k = make_inputs(B, Hq, Hkv, W, N, D, dtype, device)
+    lengths = ragged_lengths(B, W, N).to(device)
+    lse = S.attention_lse(q, k, lengths=lengths, causal=causal, backend="triton") if give_lse else None
+    for hr in ("none", "group_max", "group_sum", "all_max"):
+        kw = dict(lengths=lengths, causal=causal, head_reduce=hr, lse=lse, query_reduce="max")
+        got = S.attention_mass(q, k, backend="triton", **kw)
+        want = S.attention_mass(q, k, backend="reference", **kw)
+        torch.testing.assert_close(got, want, **TRITON_TOL, msg=hr)
+        for b in range(B):
+            assert not got[b, ..., int(lengths[b]):].any()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("device", devices_for_triton())
+@pytest.mark.parametrize("page_size,dtype", [(16, torch.float16), (7, torch.float32)])
+def test_query_max_triton_paged_matches_reference(device, page_size, dtype):
+    B, Hq, Hkv, W, N, D = 2, 6, 2, 9, 53, 16
+    q, k = make_inputs(B, Hq, Hkv, W, N, D, dtype)
+    row_lens = torch.randint(W, N + 1, (B, Hkv))
+    row_lens[1, 1] = N
+    k_pages, table = make_paged(k, row_lens, page_size)
+    q, k_pages, table, row_lens = (t.to(device) for t in (q, k_pages, table, row_lens))
+    for causal, hr in ((True, "group_max"), (False, "none")):
+        kw = dict(max_len=N + 1, causal=causal, head_reduce=hr, query_reduce="max")
+        got = S.attention_mass_paged(q, k_pages, table, row_lens, backend="triton", **kw)
+        want = S.attention_mass_paged(q, k_pages, table, row_lens, backend="reference", **kw)
+        torch.testing.assert_close(got, want, **TRITON_TOL, msg=f"{hr} causal={causal}")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_query_max_opcheck(backend):
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k = make_inputs(1, 4, 2, 3, 9, 16, device=dev)
+    ops = torch.ops.kvpress_kernels
+    torch.library.opcheck(ops.attention_mass.default,
+                          (q, k, torch.tensor([7], device=dev), 0.25, None, True, "group_max", None, 1, None, backend,
+                           "max"))
+    k_pages, table = make_paged(k.cpu(), torch.tensor([[7, 9]]), 4, poison_unused=False)
+    torch.library.opcheck(ops.attention_mass_paged.default,
+                          (q, k_pages.to(dev), table.to(dev), torch.tensor([[7, 9]], device=dev), 10, 0.25, None,
+                           True, "group_max", None, 1, None, backend, "max"))

@@ -108,6 +108,10 @@ def build_method(name: str, keep_ratio: float):
         "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
         "streamingllm": lambda r: M.StreamingLLM(keep_ratio=r),
         "h2o": lambda r: M.H2O(keep_ratio=r),
+        # KVzip: reconstruction scores after the prefill (run_once passes the tokenizer), one budget over all
+        # layers and kv heads; kvzip_shotkv: ShotKV's prefill phase ranking shots by KVzip scores
+        "kvzip": lambda r: M.KVzip(keep_ratio=r),
+        "kvzip_shotkv": lambda r: M.KVzip(keep_ratio=r, select="shots"),
     }
     if name not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}, got {name!r}")
@@ -181,6 +185,14 @@ def _turn(model, tok, cache, logits, max_new: int, eos: set, min_steps: int):
     return new, new[:len(step_logits) - 1], step_logits
 
 
+def _prefill(model, tok, cache, method, ids):
+    """Prefill ``ids`` into ``cache``; a method that compresses after the whole prefill (KVzip) then runs."""
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    if hasattr(method, "compress_prefilled"):
+        method.compress_prefilled(model, cache, ids, tokenizer=tok)
+    return out
+
+
 def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optional[str] = None) -> RunOutput:
     """Generate the answer(s) of one prepared example under ``method`` (``None`` = full cache)."""
     import torch
@@ -198,7 +210,7 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
     with torch.no_grad(), compress(model, method, shots=[prep.shots], backend=backend) as session:
         cache = session.new_cache(max_new_tokens=ex.max_new_tokens + prep.q_ids.shape[1] + extra)
         if setting == "multi_question":
-            model(input_ids=prep.ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _prefill(model, tok, cache, method, prep.ctx_ids)
             texts, n_new, lp, peak, stats = [], 0, None, 0, {}
             for question in [ex.question] + [q for q, _ in ex.turns]:
                 copy = cache.fork()                      # shares the compressed context's pages
@@ -216,10 +228,9 @@ def run_once(model, tok, prep: Prepared, method, setting: str, *, backend: Optio
             stats["kv_bytes_pool_peak"] = peak
             return RunOutput(texts, n_new, lp, stats, time.perf_counter() - t0)
         if setting == "query_aware":
-            out = model(input_ids=torch.cat([prep.ctx_ids, prep.q_ids], 1), past_key_values=cache, use_cache=True,
-                        logits_to_keep=1)
+            out = _prefill(model, tok, cache, method, torch.cat([prep.ctx_ids, prep.q_ids], 1))
         else:
-            model(input_ids=prep.ctx_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            _prefill(model, tok, cache, method, prep.ctx_ids)
             out = model(input_ids=prep.q_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         new, fed, step_logits = _turn(model, tok, cache, out.logits[0, -1].float(), ex.max_new_tokens, eos, min_steps)
         lp = torch.log_softmax(step_logits[min_steps - 1], -1)

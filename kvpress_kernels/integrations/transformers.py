@@ -248,6 +248,10 @@ class PagedCache(MaxLengthCompat, Cache):
         #: Optional :class:`kvpress_kernels.sessions.QueryWindow`: records the last queries fed per layer
         #: (what :func:`kvpress_kernels.sessions.recompress` scores with); ``None``: nothing recorded.
         self.query_window = None
+        #: ``fn(layer, query [B, Hq, T, D], scale) -> out [B, Hq, T, D] or None``, called in place of the paged
+        #: attention of every forward after the prefill (the new K/V are already appended); returning ``None``
+        #: runs the paged attention. KVzip computes its reconstruction attention and scores there, on a fork.
+        self.attention_hook = None
 
     # -------------------------------------------------------------- transformers' Cache API
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
@@ -355,6 +359,55 @@ class PagedCache(MaxLengthCompat, Cache):
     def __deepcopy__(self, memo) -> "PagedCache":
         return self.fork()
 
+    def evict(self, kept_idx, new_lengths=None) -> Dict[str, int]:
+        """Evict from the filled cache: per (layer, sequence, kv head) keep only the slots listed.
+
+        ``kept_idx``: ``[layers, batch, kv_heads, K]`` or a list with one ``[batch, kv_heads, K_l]`` per
+        layer, slots strictly ascending then ``-1`` (as in :class:`~kvpress_kernels.methods.Eviction`);
+        ``new_lengths``: the kept counts (host ints of the same leading shape), optional — when given they
+        must equal the number of listed slots of each row. Each row then holds its own length and the
+        freed pages go back to the pool (shared pages copy on write first). This is
+        :func:`kvpress_kernels.sessions.evict` on this cache's pages: every layer is checked before
+        anything moves (a rejected call changes nothing), then one compaction. Compression that needs every
+        layer's scores before it evicts (KVzip's budget shared across layers) and re-compression of a
+        filled cache (:func:`~kvpress_kernels.sessions.recompress`) run through it; the ``*_after_prefill``
+        statistics then describe the evicted cache. Returns :func:`~kvpress_kernels.sessions.evict`'s
+        summary (tokens and pages before/after, pages returned to the pool)."""
+        from ..sessions import evict as _evict_slots
+
+        if self.kv is None:
+            raise RuntimeError("PagedCache.evict: the cache holds nothing yet (prefill it first)")
+        L = self.spec.num_layers
+        if isinstance(kept_idx, torch.Tensor):
+            kept = kept_idx
+        else:
+            if not isinstance(kept_idx, (list, tuple)) or len(kept_idx) != L:
+                n = len(kept_idx) if isinstance(kept_idx, (list, tuple)) else type(kept_idx).__name__
+                raise ValueError(f"kept_idx must hold one tensor per layer ({L}), got {n}")
+            for i, t in enumerate(kept_idx):
+                V.tensor(f"kept_idx[{i}]", t, ndim=3, dtypes=V.INDEX_DTYPES, device=self.kv.device)
+                V.shape(f"kept_idx[{i}]", t, [self.kv.batch_size, self.spec.num_kv_heads, None],
+                        "([batch, kv_heads, K])")
+            K = max(1, max(int(t.shape[-1]) for t in kept_idx))
+            kept = torch.stack([torch.nn.functional.pad(t.to(torch.int64), (0, K - t.shape[-1]), value=-1)
+                                for t in kept_idx])
+        V.tensor("kept_idx", kept, ndim=4, dtypes=V.INDEX_DTYPES, device=self.kv.device)
+        V.shape("kept_idx", kept, [L, self.kv.batch_size, self.spec.num_kv_heads, None],
+                "([layers, batch, kv_heads, K])")
+        if new_lengths is not None:
+            want = np.stack([np.asarray(x, dtype=np.int64) for x in new_lengths]) \
+                if isinstance(new_lengths, (list, tuple)) else np.asarray(new_lengths, dtype=np.int64)
+            have = (kept >= 0).sum(-1).cpu().numpy()
+            if want.shape != have.shape or (want != have).any():
+                raise ValueError(f"new_lengths must equal the number of slots kept_idx lists per row "
+                                 f"(shape {list(have.shape)}), got shape {list(want.shape)} with other counts")
+        summary = _evict_slots(self.kv, kept)
+        if self._extended == 0 and self._generated == 0:
+            self._bytes_after_prefill = self.kv.bytes_in_use()
+            self.lengths_after_prefill = self.kv.seq_lengths()
+            self._tokens_after_prefill = int(self.lengths_after_prefill.sum())
+        return summary
+
     def release(self) -> None:
         """Give this cache's pages back (pages a fork still owns stay with it) and forget everything."""
         if self.kv is not None:
@@ -396,7 +449,7 @@ class PagedCache(MaxLengthCompat, Cache):
             # stable sort of "is padding": real tokens first, in order
             self._pack_idx = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :n_max]
         shots = normalize_batch_shots(self.shots, lengths.tolist())
-        frac = 1.0 if self.method is None else min(1.0, self.method.expected_keep_fraction())
+        frac = 1.0 if self.method is None else self.method.expected_keep_fraction()   # > 1: scratch (KVzip)
         # prefill stores only the kept tokens (scored first), so no layer ever holds the full prompt
         pages_kept = -(-int(np.ceil(frac * n_max)) // self.page_size)
         pages_new = -(-(self.max_new_tokens or 0) // self.page_size)
@@ -461,6 +514,10 @@ class PagedCache(MaxLengthCompat, Cache):
         kv = self.kv
         if self.query_window is not None:
             self.query_window.record(layer, query, float(scale))
+        if self.attention_hook is not None:
+            out = self.attention_hook(layer, query, float(scale))
+            if out is not None:
+                return out
         table, lengths = kv.layer_view(layer)
         # Only the pages that hold tokens (the host knows the longest row): the attention, its
         # probabilities and the positions then span S = used pages * page_size slots, not the capacity.
@@ -611,6 +668,23 @@ class CompressionSession:
     def new_cache(self, shots=None, max_new_tokens: Optional[int] = None) -> PagedCache:
         return PagedCache(self.model, self.method, shots=self.shots if shots is None else shots,
                           page_size=self.page_size, backend=self.backend, max_new_tokens=max_new_tokens)
+
+    def prefill(self, input_ids: torch.Tensor, *, attention_mask: Optional[torch.Tensor] = None, tokenizer=None,
+                max_new_tokens: Optional[int] = None) -> PagedCache:
+        """Prefill a context once and compress it, for prompt reuse: ``model(input_ids, past_key_values=cache)``
+        on a new cache, then, for a method that compresses after the whole prefill (``compress_prefilled``:
+        :class:`~kvpress_kernels.methods.KVzip`, which needs ``tokenizer`` for its repeat prompt), that step.
+        Returns the cache; fork it per question (``model.generate(context + question, past_key_values=
+        cache.fork(), ...)``)."""
+        cache = self.new_cache(max_new_tokens=max_new_tokens)
+        with torch.no_grad():
+            self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                       logits_to_keep=1)
+            hook = getattr(self.method, "compress_prefilled", None)
+            if hook is not None:
+                hook(self.model, cache, input_ids, tokenizer=tokenizer)
+        self.cache = cache
+        return cache
 
     def generate(self, *args, **kwargs):
         model = self.model

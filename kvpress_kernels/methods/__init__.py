@@ -8,9 +8,11 @@ from .base import (CompressionMethod, DecodeInputs, Eviction, GenerationInfo, Pr
 from .adakv import AdaKV
 from .chunkkv import ChunkKV
 from .h2o import H2O, TOVA
+from .kvzip import KVzip
 from .shotkv import ShotKV
 from .simple import KNorm, ScorerTopK, StreamingLLM
 from .snapkv import PyramidKV, SnapKV
 
 __all__ = ["CompressionMethod", "GenerationInfo", "PrefillInputs", "DecodeInputs", "Eviction", "budget_tokens",
-           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm", "ScorerTopK", "AdaKV"]
+           "ShotKV", "SnapKV", "PyramidKV", "ChunkKV", "StreamingLLM", "H2O", "TOVA", "KNorm", "ScorerTopK", "AdaKV",
+           "KVzip"]

@@ -191,7 +191,7 @@ class ShotKV(CompressionMethod):
             self._prefill_kept[inputs.layer] = np.asarray(lengths, dtype=np.int64)
             return None
         rows = inputs.lengths if plan["rows"] is None else plan["rows"]
-        scores = window_mass(inputs, plan["windows"], "all_sum")                           # [B, N]
+        scores = self.shot_token_scores(inputs)                                            # [B, N]
         seg_scores = segment_reduce(scores, spans=plan["spans"], reduce="mean", lengths=rows,
                                     backend=info.backend)
         # protected segments are kept first; where they alone exceed the budget (reported in begin())
@@ -208,6 +208,11 @@ class ShotKV(CompressionMethod):
         self.stats["unused_budget"][inputs.layer] = np.maximum(plan["budgets"] - counts, 0).tolist()
         return Eviction(kept.unsqueeze(1).expand(B, Hkv, kept.shape[1]).contiguous(),
                         np.repeat(counts[:, None], Hkv, axis=1))
+
+    def shot_token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
+        """Token scores ``[B, N]`` the shots are ranked by (step 1): the observation-window mass summed over
+        all query heads. A subclass may rank by other scores (KVzip's reconstruction scores)."""
+        return window_mass(inputs, self._plan["windows"], "all_sum")
 
     # -------------------------------------------------------------- decoding
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:

@@ -5,7 +5,8 @@ For queries ``q: [B, Hq, W, D]`` and keys ``k: [B, Hkv, N, D]`` (GQA: query head
 cache holds ``L`` keys sits at position ``L - W + w`` (the W queries are the *last* W tokens), and
 
     p[b, h, w, j] = softmax_j(scale * q[b, h, w] . k[b, h // G, j])   over the keys it sees,
-    m[b, h, j]    = sum_w p[b, h, w, j]                                  (the attention mass).
+    m[b, h, j]    = sum_w p[b, h, w, j]                                  (the attention mass),
+    or, with ``query_reduce="max"``, m[b, h, j] = max_w p[b, h, w, j]   (KVzip's reconstruction score).
 
 ``causal=True``: query ``w`` sees keys ``j <= L - W + w``; ``causal=False``: all keys ``j < L``. The
 SnapKV observation window (W last prompt queries) and H2O's accumulated attention (W = N, every
@@ -41,6 +42,8 @@ never materialises ``[W * Hq, N]``.
    are kept one head at a time, which is what ``none`` (store each head) and ``group_max`` (running
    max) need; the sum/mean reductions just add them. Under the causal mask a tile skips the query
    rows that precede it, so H2O (W = N) does half the work and needs O(N) extra memory (the output).
+   ``query_reduce="max"`` (a ``QUERY_MAX`` compile-time flag) keeps a running max over the query blocks
+   instead of the sum; everything else (LSE pass, masks, head reductions, pooling) is shared.
 
    ``all_*`` reductions: the kernel writes the per-kv-head group sum (or group max) ``[B, Hkv, N]``
    and a torch ``sum``/``amax`` over the kv heads finishes it. Atomics across kv heads would save
@@ -82,6 +85,9 @@ except Exception:  # pragma: no cover - Triton missing (e.g. macOS): reference o
 
 HEAD_REDUCES = ("none", "group_sum", "group_mean", "group_max", "all_sum", "all_mean", "all_max")
 POOLS = ("avg", "max")
+#: How the W queries' probabilities of one key combine: ``sum`` (the attention mass, SnapKV/H2O) or ``max``
+#: (the most attention any query gives the key: KVzip's reconstruction score).
+QUERY_REDUCES = ("sum", "max")
 
 # Largest fp32 temporary (logits of one chunk of queries) the reference builds, in elements (16 MiB).
 _REF_CHUNK_ELEMS = 1 << 22
@@ -242,6 +248,68 @@ def _mass_chunk_exact(q, kf, lens, scale, lse_in, causal, w0, w1, mass, lse_out)
         mass += p.sum(dim=3)
 
 
+def _max_rows_ref(q: torch.Tensor, kd: torch.Tensor, lens: torch.Tensor, scale: float,
+                  lse: Optional[torch.Tensor], causal: bool) -> torch.Tensor:
+    """``query_reduce="max"`` core of the reference: ``[B, Hq, N]`` fp32, per query head and key the max over
+    the W queries of ``softmax_j`` (0 where no query sees the key). The LSE comes from the sum core (its
+    ``want_mass=False`` pass) unless given; then the queries are processed in chunks whose probabilities
+    ``[B, Hkv, G, c, n_vis]`` stay below ``_REF_CHUNK_ELEMS`` fp32 values, so W = N never builds
+    ``[W * Hq, N]``. A query with LSE ``-inf`` (it sees no key) is shifted by 0 and contributes 0."""
+    B, Hq, W, D = q.shape
+    Hkv, N = kd.shape[1], kd.shape[2]
+    G = Hq // Hkv
+    dev = q.device
+    out = torch.zeros(B, Hkv, G, N, dtype=torch.float32, device=dev)
+    if W == 0 or N == 0 or B * Hq == 0:
+        return out.view(B, Hq, N)
+    if lse is None:
+        lse = _mass_rows_ref(q, kd, lens, scale, None, causal, want_mass=False)[1]
+    shift = lse.float().reshape(B, Hkv, G, W)
+    shift = torch.where(shift == float("-inf"), torch.zeros((), device=dev), shift)
+    kf = kd.float()
+    # as in _mass_rows_ref: on CPU the lengths are read on the host, and when every row is full only the
+    # causal triangle (the last W - 1 keys) needs a mask
+    host = dev.type == "cpu" and not torch.compiler.is_compiling()
+    l_min, l_max = (int(lens.min()), int(lens.max())) if host else (0, N)
+    uniform = host and l_min == l_max
+    j = torch.arange(N, device=dev)
+    valid_key = j.view(1, 1, N) < lens.view(B, Hkv, 1)                                  # [B, Hkv, N]
+    c = max(1, min(W, _REF_CHUNK_ELEMS // max(1, B * Hq * N)))
+    buf = torch.empty(B * Hq * c * N, dtype=torch.float32, device=dev)
+    for w0 in range(0, W, c):
+        w1 = min(W, w0 + c)
+        cw = w1 - w0
+        n_vis = max(0, min(N, l_max - W + w1) if causal else l_max)
+        if n_vis == 0:
+            continue
+        qc = q[:, :, w0:w1].float().mul(scale).reshape(B * Hkv, G * cw, D)
+        s = buf[: B * Hq * cw * n_vis].view(B, Hkv, G, cw, n_vis)
+        # logits minus the LSE straight from one baddbmm, exponentiated in place: the probabilities
+        torch.baddbmm(shift[..., w0:w1].neg().reshape(B * Hkv, G * cw, 1), qc,
+                      kf[:, :, :n_vis].reshape(B * Hkv, n_vis, D).transpose(1, 2), out=s.view(B * Hkv, G * cw, n_vis))
+        s.exp_()
+        if uniform:
+            first = max(0, l_max - W + w0 + 1) if causal else n_vis
+            if first < n_vis:
+                pos = l_max - W + torch.arange(w0, w1, device=dev)
+                s[..., first:].masked_fill_(j[first:n_vis].view(1, -1) > pos.view(-1, 1), 0.0)
+        else:
+            vis = valid_key[..., :n_vis].unsqueeze(2)                                   # [B, Hkv, 1, n_vis]
+            if causal:
+                last = lens.view(B, Hkv, 1) - W + torch.arange(w0, w1, device=dev).view(1, 1, cw)
+                vis = vis & (j[:n_vis].view(1, 1, 1, n_vis) <= last.unsqueeze(-1))      # [B, Hkv, cw, n_vis]
+            s.masked_fill_(~vis.unsqueeze(2), 0.0)
+        torch.maximum(out[..., :n_vis], s.amax(dim=3), out=out[..., :n_vis])
+    return out.view(B, Hq, N)
+
+
+def _rows_ref(q, kd, lens, scale, lse, causal, query_reduce: str) -> torch.Tensor:
+    """Per-query-head scores ``[B, Hq, N]`` of the reference: the summed mass or the max probability."""
+    if query_reduce == "max":
+        return _max_rows_ref(q, kd, lens, scale, lse, causal)
+    return _mass_rows_ref(q, kd, lens, scale, lse, causal, want_mass=True)[0]
+
+
 def _gather_pages(k_pages: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """Dense copy ``[B, Hkv, max_len, D]`` of the paged keys (slots beyond a row's length read page 0)."""
     ps = k_pages.shape[1]
@@ -381,12 +449,12 @@ def attention_lse_ref(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[tor
 def attention_mass_ref(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None, lse: Optional[torch.Tensor] = None, causal: bool = True,
                        head_reduce: str = "group_sum", pool: Optional[str] = None, pool_size: int = 1,
-                       pool_end: Optional[int] = None) -> torch.Tensor:
+                       pool_end: Optional[int] = None, query_reduce: str = "sum") -> torch.Tensor:
     """Reference of :func:`attention_mass` (plain PyTorch, fp32, no input checks)."""
     B, Hq, W, D = q.shape
     Hkv, N = k.shape[1], k.shape[2]
     lens = _dense_row_lengths(lengths, B, Hkv, N, q.device)
-    mass, _ = _mass_rows_ref(q, k, lens, _default_scale(scale, D), lse, causal, want_mass=True)
+    mass = _rows_ref(q, k, lens, _default_scale(scale, D), lse, causal, query_reduce)
     return _finish_ref(mass, lens, Hkv, head_reduce, pool, pool_size, pool_end)
 
 
@@ -394,12 +462,12 @@ def attention_mass_paged_ref(q: torch.Tensor, k_pages: torch.Tensor, page_table:
                              lengths: torch.Tensor, *, max_len: int, scale: Optional[float] = None,
                              lse: Optional[torch.Tensor] = None, causal: bool = True,
                              head_reduce: str = "group_sum", pool: Optional[str] = None, pool_size: int = 1,
-                             pool_end: Optional[int] = None) -> torch.Tensor:
+                             pool_end: Optional[int] = None, query_reduce: str = "sum") -> torch.Tensor:
     """Reference of :func:`attention_mass_paged`: gathers the pages into a dense ``[B, Hkv, max_len, D]``
     copy (O(cache) memory, never O(N^2)) and scores it like the dense reference."""
     kd = _gather_pages(k_pages, page_table, lengths, max_len)
     lens = lengths.long()
-    mass, _ = _mass_rows_ref(q, kd, lens, _default_scale(scale, q.shape[-1]), lse, causal, want_mass=True)
+    mass = _rows_ref(q, kd, lens, _default_scale(scale, q.shape[-1]), lse, causal, query_reduce)
     return _finish_ref(mass, lens, page_table.shape[1], head_reduce, pool, pool_size, pool_end)
 
 
@@ -513,10 +581,12 @@ if triton is not None:
                      se_b, se_h, se_w, so_b, so_h,
                      Hkv, G, W, D, n_out, scale_log2, out_scale,
                      PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, CAUSAL: tl.constexpr,
-                     REDUCE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+                     REDUCE: tl.constexpr, QUERY_MAX: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         # Program (key tile, b*Hkv + h): K tile stationary, loop over the group's query rows.
         # REDUCE: 0 = per query head (store each), 1 = sum over the group, 2 = max over the group.
+        # QUERY_MAX: each head's score is the max over its queries (KVzip) instead of their sum; the
+        # probabilities are >= 0 and masked ones are 0, so a zero start is the identity of that max.
         t = tl.program_id(0)
         bh = tl.program_id(1).to(tl.int64)
         b = bh // Hkv
@@ -557,7 +627,10 @@ if triton is not None:
                 if CAUSAL:
                     vis = vis & (j[None, :] <= (length - W + w)[:, None])
                 p = tl.where(vis, tl.exp2(s - (row_lse * 1.4426950408889634)[:, None]), 0.0)
-                acc_g += tl.sum(p, axis=0)
+                if QUERY_MAX:
+                    acc_g = tl.maximum(acc_g, tl.max(p, axis=0))
+                else:
+                    acc_g += tl.sum(p, axis=0)
             if REDUCE == 0:
                 tl.store(o_base + hq * so_h, acc_g * out_scale, mask=jmask)
             elif REDUCE == 1:
@@ -673,7 +746,8 @@ def _lse_triton(q, k, page_table, lens, n_keys: int, scale: float, causal: bool)
 
 
 def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional[torch.Tensor], causal: bool,
-                 head_reduce: str, pool: Optional[str], pool_size: int, pool_end: Optional[int]) -> torch.Tensor:
+                 head_reduce: str, pool: Optional[str], pool_size: int, pool_end: Optional[int],
+                 query_reduce: str = "sum") -> torch.Tensor:
     B, Hq, W, D = q.shape
     Hkv = lens.shape[1]
     G = Hq // Hkv
@@ -701,7 +775,7 @@ def _mass_triton(q, k, page_table, lens, n_out: int, scale: float, lse: Optional
             q.stride(0), q.stride(1), q.stride(2), sk_0, sk_1, sk_n, st_b, st_h, st_p,
             lens.stride(0), lens.stride(1), lse.stride(0), lse.stride(1), lse.stride(2), out.stride(0), out.stride(1),
             Hkv, G, W, D, n_out, scale * _LOG2E, out_scale,
-            PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, REDUCE=reduce_code,
+            PAGED=paged, PAGE_SIZE=page_size, CAUSAL=causal, REDUCE=reduce_code, QUERY_MAX=query_reduce == "max",
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps,
             # fp32: no software pipelining of the query loads (its buffers spilled 4 B at D = 256, sm_90)
             num_stages=1 if q.dtype == torch.float32 and gpu_tiles(q.device) else 3, **_kernel_flags(q))
@@ -761,17 +835,19 @@ def _(q, k, lengths, scale, causal, backend):
 @torch.library.custom_op("kvpress_kernels::attention_mass", mutates_args=())
 def _attention_mass_op(q: torch.Tensor, k: torch.Tensor, lengths: Optional[torch.Tensor], scale: float,
                        lse: Optional[torch.Tensor], causal: bool, head_reduce: str, pool: Optional[str],
-                       pool_size: int, pool_end: Optional[int], backend: str) -> torch.Tensor:
+                       pool_size: int, pool_end: Optional[int], backend: str,
+                       query_reduce: str = "sum") -> torch.Tensor:
     B, Hkv, N = k.shape[0], k.shape[1], k.shape[2]
     if backend == "triton":
         lens = _dense_row_lengths(lengths, B, Hkv, N, q.device)
-        return _mass_triton(q, k, None, lens, N, scale, lse, causal, head_reduce, pool, pool_size, pool_end)
+        return _mass_triton(q, k, None, lens, N, scale, lse, causal, head_reduce, pool, pool_size, pool_end,
+                            query_reduce)
     return attention_mass_ref(q, k, lengths=lengths, scale=scale, lse=lse, causal=causal, head_reduce=head_reduce,
-                              pool=pool, pool_size=pool_size, pool_end=pool_end)
+                              pool=pool, pool_size=pool_size, pool_end=pool_end, query_reduce=query_reduce)
 
 
 @_attention_mass_op.register_fake
-def _(q, k, lengths, scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend):
+def _(q, k, lengths, scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend, query_reduce="sum"):
     return q.new_empty(_out_shape(q.shape[0], q.shape[1], k.shape[1], k.shape[2], head_reduce), dtype=torch.float32)
 
 
@@ -779,17 +855,18 @@ def _(q, k, lengths, scale, lse, causal, head_reduce, pool, pool_size, pool_end,
 def _attention_mass_paged_op(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor,
                              lengths: torch.Tensor, max_len: int, scale: float, lse: Optional[torch.Tensor],
                              causal: bool, head_reduce: str, pool: Optional[str], pool_size: int,
-                             pool_end: Optional[int], backend: str) -> torch.Tensor:
+                             pool_end: Optional[int], backend: str, query_reduce: str = "sum") -> torch.Tensor:
     if backend == "triton":
         return _mass_triton(q, k_pages, page_table, lengths, max_len, scale, lse, causal, head_reduce, pool,
-                            pool_size, pool_end)
+                            pool_size, pool_end, query_reduce)
     return attention_mass_paged_ref(q, k_pages, page_table, lengths, max_len=max_len, scale=scale, lse=lse,
                                     causal=causal, head_reduce=head_reduce, pool=pool, pool_size=pool_size,
-                                    pool_end=pool_end)
+                                    pool_end=pool_end, query_reduce=query_reduce)
 
 
 @_attention_mass_paged_op.register_fake
-def _(q, k_pages, page_table, lengths, max_len, scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend):
+def _(q, k_pages, page_table, lengths, max_len, scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend,
+      query_reduce="sum"):
     return q.new_empty(_out_shape(q.shape[0], q.shape[1], page_table.shape[1], max_len, head_reduce),
                        dtype=torch.float32)
 
@@ -826,8 +903,9 @@ def _check_q(q) -> None:
         raise ValueError(f"q must have a head_dim >= 1, got shape {list(q.shape)}")
 
 
-def _check_common(q, n_keys: int, Hkv: int, lse, head_reduce, pool, pool_size, pool_end):
+def _check_common(q, n_keys: int, Hkv: int, lse, head_reduce, pool, pool_size, pool_end, query_reduce="sum"):
     """Checks shared by the dense and paged entry points; returns the validated pool_size."""
+    V.choice("query_reduce", query_reduce, QUERY_REDUCES)
     B, Hq, W, D = q.shape
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q has {Hq} query heads, which must be a positive multiple of the {Hkv} kv heads")
@@ -893,7 +971,8 @@ def attention_lse(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[torch.T
 def attention_mass(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[torch.Tensor] = None,
                    scale: Optional[float] = None, lse: Optional[torch.Tensor] = None, causal: bool = True,
                    head_reduce: str = "group_sum", pool: Optional[str] = None, pool_size: int = 1,
-                   pool_end: Optional[int] = None, backend: Optional[str] = None) -> torch.Tensor:
+                   pool_end: Optional[int] = None, backend: Optional[str] = None,
+                   query_reduce: str = "sum") -> torch.Tensor:
     """Attention mass each key receives from the W queries, head-reduced and pooled.
 
     ``m[b, h, j] = sum_w softmax_j(scale * q[b, h, w] . k[b, h // G, j])`` with query ``w`` at
@@ -901,6 +980,10 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[torch.
     ``j < lengths[b]`` always); then ``head_reduce``, then :func:`pool_scores` along the keys.
     ``attention_mass(q, k, head_reduce="group_mean", pool="avg", pool_size=k, pool_end=N - W) / W``
     is kvpress's SnapKV score on the keys before the window.
+
+    ``query_reduce="max"`` replaces the sum over the queries by a max: ``m[b, h, j] = max_w
+    softmax_j(...)``, the most attention any of the queries gives key ``j`` (KVzip's score, with the
+    reconstruction queries and ``head_reduce="group_max"``); the same two fused passes, no ``[W * G, N]``.
 
     Parameters
     ----------
@@ -924,24 +1007,27 @@ def attention_mass(q: torch.Tensor, k: torch.Tensor, *, lengths: Optional[torch.
         Pool only keys ``[0, pool_end)`` (zero padding at ``pool_end``); later keys keep their
         unpooled value. Default: each row's length.
     backend : {"reference", "triton"}, optional
+    query_reduce : {"sum", "max"}
+        How the queries' probabilities of a key combine (before ``head_reduce``): their sum (the
+        attention mass, default) or their max.
 
     Returns
     -------
     Tensor, float32, shape set by ``head_reduce``; 0 at keys ``j >= lengths[b]``.
     """
     _validate_dense(q, k, lengths)
-    pool_size = _check_common(q, k.shape[2], k.shape[1], lse, head_reduce, pool, pool_size, pool_end)
+    pool_size = _check_common(q, k.shape[2], k.shape[1], lse, head_reduce, pool, pool_size, pool_end, query_reduce)
     scale = _check_scale(scale, q.shape[-1])
     b = resolve_backend("attention_mass", backend, q.device, has=("reference", "triton"))
     return torch.ops.kvpress_kernels.attention_mass(q, k, lengths, scale, lse, bool(causal), head_reduce, pool,
-                                                    pool_size, pool_end, b)
+                                                    pool_size, pool_end, b, query_reduce)
 
 
 def attention_mass_paged(q: torch.Tensor, k_pages: torch.Tensor, page_table: torch.Tensor, lengths: torch.Tensor,
                          *, max_len: int, scale: Optional[float] = None, lse: Optional[torch.Tensor] = None,
                          causal: bool = True, head_reduce: str = "group_sum", pool: Optional[str] = None,
                          pool_size: int = 1, pool_end: Optional[int] = None,
-                         backend: Optional[str] = None) -> torch.Tensor:
+                         backend: Optional[str] = None, query_reduce: str = "sum") -> torch.Tensor:
     """:func:`attention_mass` over a paged KV cache (DESIGN.md §4).
 
     Row ``(b, h)`` holds ``lengths[b, h]`` keys; its slot ``j`` is
@@ -956,7 +1042,7 @@ def attention_mass_paged(q: torch.Tensor, k_pages: torch.Tensor, page_table: tor
     lengths : Tensor ``[B, Hkv]``, int32/int64; ``W <= lengths <= max_len``
     max_len : int
         Length of the output score rows, ``<= max_pages * page_size``.
-    scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend
+    scale, lse, causal, head_reduce, pool, pool_size, pool_end, backend, query_reduce
         As in :func:`attention_mass` (``pool_end <= max_len``; for ``all_*`` the pooled row's
         length is the longest of its kv heads).
 
@@ -977,15 +1063,16 @@ def attention_mass_paged(q: torch.Tensor, k_pages: torch.Tensor, page_table: tor
     V.tensor("lengths", lengths, ndim=2, dtypes=V.INDEX_DTYPES, device=dev)
     V.shape("lengths", lengths, [B, Hkv], "([B, Hkv], like page_table's leading dims)")
     max_len = V.integer("max_len", max_len, low=0, high=max_pages * page_size)
-    pool_size = _check_common(q, max_len, Hkv, lse, head_reduce, pool, pool_size, pool_end)
+    pool_size = _check_common(q, max_len, Hkv, lse, head_reduce, pool, pool_size, pool_end, query_reduce)
     scale = _check_scale(scale, D)
     _check_lengths_values(lengths, W, max_len, "max_len")
     if wants_data_checks(page_table):
         V.page_table("page_table", page_table, num_pages, lengths, page_size)
     b = resolve_backend("attention_mass_paged", backend, dev, has=("reference", "triton"))
     return torch.ops.kvpress_kernels.attention_mass_paged(q, k_pages, page_table, lengths, max_len, scale, lse,
-                                                          bool(causal), head_reduce, pool, pool_size, pool_end, b)
+                                                          bool(causal), head_reduce, pool, pool_size, pool_end, b,
+                                                          query_reduce)
 
 
 __all__ = ["attention_lse", "attention_lse_ref", "attention_mass", "attention_mass_ref", "attention_mass_paged",
-           "attention_mass_paged_ref", "pool_scores", "token_norm", "HEAD_REDUCES", "POOLS"]
+           "attention_mass_paged_ref", "pool_scores", "token_norm", "HEAD_REDUCES", "POOLS", "QUERY_REDUCES"]
