@@ -296,6 +296,11 @@ def test_paged_cache_evict_checks(model):
         cache.evict([torch.arange(5, dtype=torch.int32).expand(1, 2, 5)])
     with pytest.raises(ValueError, match="kept_idx"):
         cache.evict(torch.zeros(2, 1, 3, 5, dtype=torch.int32))          # 3 kv heads: the cache has 2
+    first = torch.arange(10, dtype=torch.int32).expand(1, 2, 10).contiguous()
+    with pytest.raises(ValueError, match="beyond its length"):          # layer 1 is bad: layer 0 must not move
+        cache.evict([first, torch.full((1, 2, 10), 99, dtype=torch.int32).cumsum(-1).to(torch.int32)])
+    with pytest.raises(ValueError, match="new_lengths"):
+        cache.evict([first, first], new_lengths=[np.full((1, 2), 10), np.full((1, 2), 9)])
     assert (cache.kv.seq_lengths() == 30).all()                          # the rejected calls changed nothing
     keep = [torch.arange(10, dtype=torch.int32).expand(1, 2, 10).contiguous()] * 2
     cache.evict(keep)
