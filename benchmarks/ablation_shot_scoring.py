@@ -2,14 +2,18 @@
 paper's rule (``shotkv``, the default options) on the SAME examples, paired, through the eval harness
 (SmolLM2-135M, CPU, greedy, the transformers integration).
 
-One harness run per (task, setting, keep ratio) is saved as JSON under ``--raw`` as soon as it ends (a run
-cut short loses only its own chunk); the table is rendered from every chunk present::
+Every run (harness.run_once: the same prompts, greedy decoding and scoring as ``kvpress-kernels eval``) is one
+JSON line appended to ``--jsonl`` as soon as it ends, examples in a depth-balanced strided order, so a run
+cut short keeps every finished example and a rerun resumes; the table is rendered from the lines present,
+on the examples every method finished (paired)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python benchmarks/ablation_shot_scoring.py \\
         --tasks lookup --n 50 --ratios 0.3 0.2 --settings query_aware
-    PYTHONPATH=$PWD python benchmarks/ablation_shot_scoring.py --render   # table only
+    PYTHONPATH=$PWD python benchmarks/ablation_shot_scoring.py --render docs/results/ablation_shot_scoring.jsonl
 
-Table columns: n, accuracy ± SE, paired Δ vs the paper's rule ± paired SE (same examples), wins/losses,
+Any harness method name works as a variant (``snapkv[head_budget=adakv]``: the per-head rows); each is
+paired with the same method without options (``shotkv``, the paper's rule, for every ``shotkv[...]``).
+Table columns: n, accuracy ± SE, paired Δ vs that reference ± paired SE (same examples), wins/losses,
 KV kept (cached tokens after prefill / prompt tokens, all layers and kv heads: equal memory check).
 """
 
@@ -33,10 +37,7 @@ VARIANTS = [
     PAPER,
     "shotkv[shot_score=max]",
     "shotkv[shot_score=topk_mean,shot_topk=4]",
-    "shotkv[shot_score=max,pool_size=5]",
-    "shotkv[head_reduce=max]",
     "shotkv[layer_ranking=cumulative]",
-    "shotkv[layer_ranking=reuse,reuse_every=2]",
     "shotkv[window_size=1]",
 ]
 
@@ -51,51 +52,103 @@ def _mean_se(xs):
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
-def run_chunks(args) -> None:
-    from kvpress_kernels.evaluation.harness import EvalConfig, run_eval
+def example_order(n: int, stride: int = 5) -> List[int]:
+    """Examples in a strided order (0, 5, 10, ..., 1, 6, ...): the harness spreads answer depths evenly
+    over the example indices, so a run cut short still covers every depth."""
+    return [i for s in range(stride) for i in range(s, n, stride)]
+
+
+def run_examples(args) -> None:
+    """Per example: the full cache once, then every (keep ratio, variant); one JSON line per run, appended
+    and flushed at once (a run cut short keeps every finished example; a rerun resumes)."""
+    import torch
+
+    from kvpress_kernels.evaluation.harness import build_method, prepare, run_once
     from kvpress_kernels.evaluation.model import load_smollm2
+    from kvpress_kernels.evaluation.tasks import generate_task, score
 
-    raw = Path(args.raw)
-    raw.mkdir(parents=True, exist_ok=True)
+    for v in args.variants:
+        build_method(v, 0.5)                                     # fail fast on a bad name or option
+    out = Path(args.jsonl)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]))
     model, tok = load_smollm2()
-    for task in args.tasks:
-        for setting in args.settings:
-            for ratio in args.ratios:
-                path = raw / f"{task}_{setting}_{ratio}_n{args.n}.json"
-                if path.exists() and not args.overwrite:
-                    print(f"skip {path} (exists)", flush=True)
-                    continue
-                cfg = EvalConfig(tasks=[task], methods=list(args.variants), keep_ratios=[ratio], settings=[setting],
-                                 n_examples=args.n, seed=args.seed)
-                t0 = time.perf_counter()
-                res = run_eval(cfg, progress=args.progress, model=model, tok=tok)
-                recs = [{k: r[k] for k in ("task", "setting", "example", "method", "keep_ratio", "score", "kv_kept",
-                                           "answer", "gold", "depth")} for r in res.records]
-                path.write_text(json.dumps({"task": task, "setting": setting, "keep_ratio": ratio, "n": args.n,
-                                            "seed": args.seed, "variants": list(args.variants), "meta": res.meta,
-                                            "records": recs}, indent=0))
-                print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    torch.set_grad_enabled(False)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_rows = text_cfg.num_hidden_layers * (getattr(text_cfg, "num_key_value_heads", None) or
+                                           text_cfg.num_attention_heads)
+    t0 = time.perf_counter()
+    with out.open("a") as f:
+        for task in args.tasks:
+            n = args.n if task == args.tasks[0] or args.n_controls is None else args.n_controls
+            examples = generate_task(task, n, seed=args.seed)
+            for count, i in enumerate(example_order(n)):
+                ex = examples[i]
+                prep = None
+                for setting in args.settings:
+                    todo = [("full", 1.0)] + [(v, r) for r in args.ratios for v in args.variants]
+                    for name, ratio in todo:
+                        if (task, setting, i, name, ratio) in done:
+                            continue
+                        prep = prep or prepare(ex, tok)
+                        method = None if name == "full" else build_method(name, ratio)
+                        o = run_once(model, tok, prep, method, setting)
+                        st = o.stats
+                        if name == "full":
+                            kept = 1.0
+                        else:
+                            kept = (st.get("kv_tokens_after_prefill") or math.nan) / (
+                                n_rows * (st.get("prompt_lengths") or [math.nan])[0])
+                        rec = {"task": task, "setting": setting, "example": i, "depth": ex.depth, "method": name,
+                               "keep_ratio": ratio, "score": score(ex, o.texts if ex.turns else o.text),
+                               "kv_kept": kept, "answer": o.text.strip(), "gold": ex.answer,
+                               "seconds": round(o.seconds, 2)}
+                        f.write(json.dumps(rec) + "\n")
+                        f.flush()
+                print(f"{task} example {i} ({count + 1}/{n}) done, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def load_chunks(raw: Path) -> List[dict]:
-    return [json.loads(p.read_text()) for p in sorted(Path(raw).glob("*.json"))]
-
-
-def rows_of(chunk: dict) -> List[Dict[str, object]]:
-    recs = chunk["records"]
-    score = {(r["method"], r["example"]): r["score"] for r in recs}
-    examples = sorted({r["example"] for r in recs})
+def load_records(paths) -> List[dict]:
     out = []
-    methods = ["full"] + [m for m in chunk["variants"]]
+    for p in paths:
+        p = Path(p)
+        if p.exists():
+            out += [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return out
+
+
+def reference_of(name: str) -> str:
+    """The paired reference of a variant: the same method without options (``shotkv`` for every
+    ``shotkv[...]``: the paper's rule; ``snapkv`` for ``snapkv[head_budget=adakv]``)."""
+    return name.split("[", 1)[0]
+
+
+def rows_of(recs: List[dict], task: str, setting: str, ratio: float) -> List[Dict[str, object]]:
+    """One row per method at this (task, setting, ratio), on the examples every method finished (paired)."""
+    full = {r["example"]: r for r in recs if r["task"] == task and r["setting"] == setting and r["method"] == "full"}
+    here = [r for r in recs if r["task"] == task and r["setting"] == setting and r["keep_ratio"] == ratio
+            and r["method"] != "full"]
+    methods = list(dict.fromkeys(r["method"] for r in here))
+    by = {(r["method"], r["example"]): r for r in here}
+    examples = sorted(e for e in full if all((m, e) in by for m in methods))
+    out = [{"method": "full", "n": len(examples), "acc": _mean_se([full[e]["score"] for e in examples]),
+            "d": (math.nan, math.nan), "wl": "", "kept": 1.0, "ref": ""}]
     for m in methods:
-        xs = [score[(m, e)] for e in examples if (m, e) in score]
-        acc, se = _mean_se(xs)
-        d = [score[(m, e)] - score[(PAPER, e)] for e in examples if (m, e) in score and (PAPER, e) in score]
-        dm, dse = _mean_se(d) if m != PAPER else (math.nan, math.nan)
-        kept = [r["kv_kept"] for r in recs if r["method"] == m and r["kv_kept"] is not None]
-        out.append({"method": m, "n": len(xs), "acc": acc, "se": se, "d": dm, "dse": dse,
-                    "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d),
-                    "kept": sum(kept) / len(kept) if kept else math.nan})
+        ref = reference_of(m)
+        xs = [by[(m, e)]["score"] for e in examples]
+        if ref != m and ref in methods:
+            d = [by[(m, e)]["score"] - by[(ref, e)]["score"] for e in examples]
+            dm, wl = _mean_se(d), f"{sum(x > 0 for x in d)}/{sum(x < 0 for x in d)}"
+        else:
+            dm, wl = (math.nan, math.nan), ""
+        kept = [by[(m, e)]["kv_kept"] for e in examples if by[(m, e)]["kv_kept"] is not None]
+        out.append({"method": m, "n": len(examples), "acc": _mean_se(xs), "d": dm, "wl": wl, "ref": ref if ref != m else "",
+                    "kept": sum(kept) / len(kept) if kept else math.nan,
+                    "vs_full": _mean_se([by[(m, e)]["score"] / max(full[e]["score"], 1e-9) for e in examples])})
     return out
 
 
@@ -103,43 +156,42 @@ def _f(x, nd=2):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
-def render(raw: Path) -> str:
-    chunks = load_chunks(raw)
+def render(paths) -> str:
+    recs = load_records(paths)
     order = {"lookup": 0, "pattern": 1, "arithmetic": 2, "passkey": 3}
-    chunks.sort(key=lambda c: (c["setting"] != "query_aware", order.get(c["task"], 9), -c["keep_ratio"]))
-    lines = ["| task | setting | keep | variant | n | accuracy | Δ vs paper (paired) | wins/losses | KV kept |",
+    keys = sorted({(r["task"], r["setting"], r["keep_ratio"]) for r in recs if r["method"] != "full"},
+                  key=lambda k: (k[1] != "query_aware", order.get(k[0], 9), -k[2]))
+    lines = ["| task | setting | keep | method | n | accuracy ± SE | Δ vs reference (paired) ± SE | wins/losses | KV kept |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for c in chunks:
-        for r in rows_of(c):
-            sig = ""
-            if r["method"] not in ("full", PAPER) and not math.isnan(r["dse"]) and r["dse"] > 0:
-                sig = " **(>2 SE)**" if abs(r["d"]) > 2 * r["dse"] else ""
-            delta = "" if r["method"] in ("full", PAPER) else f"{_f(r['d'], 3)} ± {_f(r['dse'], 3)}{sig}"
-            wl = "" if r["method"] in ("full", PAPER) else f"{r['wins']}/{r['losses']}"
-            kept = "1.00" if r["method"] == "full" else _f(r["kept"], 3)
-            lines.append(f"| {c['task']} | {c['setting']} | {c['keep_ratio']} | `{r['method']}` | {r['n']} | "
-                         f"{_f(r['acc'])} ± {_f(r['se'])} | {delta} | {wl} | {kept} |")
+    for task, setting, ratio in keys:
+        for r in rows_of(recs, task, setting, ratio):
+            acc, se = r["acc"]
+            dm, dse = r["d"]
+            delta = ""
+            if not math.isnan(dm):
+                sig = " **(> 2 SE)**" if not math.isnan(dse) and dse > 0 and abs(dm) > 2 * dse else ""
+                delta = f"{_f(dm, 3)} ± {_f(dse, 3)} vs `{r['ref']}`{sig}"
+            lines.append(f"| {task} | {setting} | {ratio if r['method'] != 'full' else '1.0'} | `{r['method']}` | "
+                         f"{r['n']} | {_f(acc)} ± {_f(se)} | {delta} | {r['wl']} | {_f(r['kept'], 3)} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=["lookup"])
+    ap.add_argument("--tasks", nargs="+", default=["lookup"], help="the first is the main task (--n examples)")
     ap.add_argument("--settings", nargs="+", default=["query_aware"])
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.3, 0.2])
     ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--n-controls", type=int, default=None, help="examples of the tasks after the first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
-    ap.add_argument("--raw", default=str(ROOT / "docs" / "results" / "ablation_shot_scoring"))
-    ap.add_argument("--render", action="store_true", help="only print the table of the chunks present")
-    ap.add_argument("--overwrite", action="store_true")
-    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--jsonl", default=str(ROOT / "docs" / "results" / "ablation_shot_scoring.jsonl"))
+    ap.add_argument("--render", nargs="*", default=None, metavar="JSONL",
+                    help="only print the table of these record files (default: --jsonl)")
     args = ap.parse_args(argv)
-    if PAPER not in args.variants:
-        ap.error(f"the variants must include the paper's rule {PAPER!r} (the paired reference)")
-    if not args.render:
-        run_chunks(args)
-    print(render(Path(args.raw)))
+    if args.render is None:
+        run_examples(args)
+    print(render(args.render or [args.jsonl]))
     return 0
 
 
