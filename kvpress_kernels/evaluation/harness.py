@@ -102,6 +102,8 @@ def build_method(name: str, keep_ratio: float):
         "chunkkv": lambda r, **kw: M.ChunkKV(keep_ratio=r, **kw),
         "streamingllm": lambda r, **kw: M.StreamingLLM(keep_ratio=r, **kw),
         "h2o": lambda r, **kw: M.H2O(keep_ratio=r, **kw),
+        "knorm": lambda r, **kw: M.KNorm(keep_ratio=r, **kw),
+        "tova": lambda r, **kw: M.TOVA(keep_ratio=r, **kw),
     }
     if base not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}, got {name!r}")
