@@ -71,11 +71,14 @@ def run_examples(args) -> None:
         build_method(v, 0.5)                                     # fail fast on a bad name or option
     out = Path(args.jsonl)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
-            done.add((r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]))
+
+    def finished():
+        # the runs already in --jsonl and in the --shared files of another worker (re-read per example)
+        keys = set()
+        for r in load_records([out] + list(args.shared)):
+            keys.add((r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]))
+        return keys
+
     model, tok = load_smollm2()
     torch.set_grad_enabled(False)
     text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -86,9 +89,11 @@ def run_examples(args) -> None:
         for task in args.tasks:
             n = args.n if task == args.tasks[0] or args.n_controls is None else args.n_controls
             examples = generate_task(task, n, seed=args.seed)
-            for count, i in enumerate(example_order(n)):
+            order = example_order(n)
+            for count, i in enumerate(order[::-1] if args.reverse else order):
                 ex = examples[i]
                 prep = None
+                done = finished()
                 for setting in args.settings:
                     todo = [("full", 1.0)] + [(v, r) for r in args.ratios for v in args.variants]
                     for name, ratio in todo:
@@ -186,6 +191,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=VARIANTS)
     ap.add_argument("--jsonl", default=str(ROOT / "docs" / "results" / "ablation_shot_scoring.jsonl"))
+    ap.add_argument("--reverse", action="store_true",
+                    help="a second worker: examples in the reverse order, skipping runs in --shared files")
+    ap.add_argument("--shared", nargs="*", default=[], help="other workers' record files (runs to skip)")
     ap.add_argument("--render", nargs="*", default=None, metavar="JSONL",
                     help="only print the table of these record files (default: --jsonl)")
     args = ap.parse_args(argv)
