@@ -270,3 +270,35 @@ def test_harness_names_carry_the_options():
             build_method(bad, 0.3)
     with pytest.raises(ValueError, match="shot_score"):
         build_method("shotkv[shot_score=median]", 0.3)
+
+
+def test_ablation_table_pairs_each_variant_with_its_reference_on_common_examples(tmp_path):
+    """benchmarks/ablation_shot_scoring.py: paired Δ on the examples every method finished, vs the same
+    method without options; depth-balanced strided order."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation_shot_scoring.py"
+    spec = importlib.util.spec_from_file_location("ablation_shot_scoring", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.example_order(7, 3) == [0, 3, 6, 1, 4, 2, 5]
+    assert mod.reference_of("shotkv[shot_score=max]") == "shotkv" and mod.reference_of("snapkv") == "snapkv"
+    recs = []
+    for e, (full, paper, var) in enumerate([(1, 0, 1), (1, 1, 1), (0, 1, 0), (1, 0, 1)]):
+        base = {"task": "lookup", "setting": "query_aware", "example": e, "kv_kept": 0.3}
+        recs.append({**base, "method": "full", "keep_ratio": 1.0, "score": full})
+        recs.append({**base, "method": "shotkv", "keep_ratio": 0.3, "score": paper})
+        if e < 3:                                   # example 3 unfinished for the variant: left out of every row
+            recs.append({**base, "method": "shotkv[shot_score=max]", "keep_ratio": 0.3, "score": var})
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs))
+    rows = {r["method"]: r for r in mod.rows_of(mod.load_records([f]), "lookup", "query_aware", 0.3)}
+    assert rows["full"]["n"] == rows["shotkv"]["n"] == 3
+    assert rows["shotkv"]["acc"][0] == pytest.approx(2 / 3)
+    d, se = rows["shotkv[shot_score=max]"]["d"]
+    assert d == pytest.approx(0.0) and se == pytest.approx(math.sqrt(1 / 3))   # diffs +1, 0, -1
+    assert rows["shotkv[shot_score=max]"]["wl"] == "1/1"
+    table = mod.render([f])
+    assert "`shotkv[shot_score=max]`" in table and "vs `shotkv`" in table
