@@ -133,27 +133,31 @@ def reference_of(name: str) -> str:
 
 
 def rows_of(recs: List[dict], task: str, setting: str, ratio: float) -> List[Dict[str, object]]:
-    """One row per method at this (task, setting, ratio), on the examples every method finished (paired)."""
+    """One row per method at this (task, setting, ratio). A variant's row (accuracy, paired Δ) is on the
+    examples where it, its reference and the full cache all finished; the full cache's row on the
+    examples its reference methods finished."""
     full = {r["example"]: r for r in recs if r["task"] == task and r["setting"] == setting and r["method"] == "full"}
     here = [r for r in recs if r["task"] == task and r["setting"] == setting and r["keep_ratio"] == ratio
             and r["method"] != "full"]
     methods = list(dict.fromkeys(r["method"] for r in here))
     by = {(r["method"], r["example"]): r for r in here}
-    examples = sorted(e for e in full if all((m, e) in by for m in methods))
-    out = [{"method": "full", "n": len(examples), "acc": _mean_se([full[e]["score"] for e in examples]),
+    refs = [m for m in methods if reference_of(m) == m] or methods
+    base = sorted(e for e in full if all((m, e) in by for m in refs))
+    out = [{"method": "full", "n": len(base), "acc": _mean_se([full[e]["score"] for e in base]),
             "d": (math.nan, math.nan), "wl": "", "kept": 1.0, "ref": ""}]
     for m in methods:
         ref = reference_of(m)
+        paired = ref != m and ref in methods
+        examples = sorted(e for e in full if (m, e) in by and (not paired or (ref, e) in by))
         xs = [by[(m, e)]["score"] for e in examples]
-        if ref != m and ref in methods:
+        if paired:
             d = [by[(m, e)]["score"] - by[(ref, e)]["score"] for e in examples]
             dm, wl = _mean_se(d), f"{sum(x > 0 for x in d)}/{sum(x < 0 for x in d)}"
         else:
             dm, wl = (math.nan, math.nan), ""
         kept = [by[(m, e)]["kv_kept"] for e in examples if by[(m, e)]["kv_kept"] is not None]
-        out.append({"method": m, "n": len(examples), "acc": _mean_se(xs), "d": dm, "wl": wl, "ref": ref if ref != m else "",
-                    "kept": sum(kept) / len(kept) if kept else math.nan,
-                    "vs_full": _mean_se([by[(m, e)]["score"] / max(full[e]["score"], 1e-9) for e in examples])})
+        out.append({"method": m, "n": len(examples), "acc": _mean_se(xs), "d": dm, "wl": wl,
+                    "ref": ref if paired else "", "kept": sum(kept) / len(kept) if kept else math.nan})
     return out
 
 

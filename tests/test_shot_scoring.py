@@ -290,13 +290,14 @@ def test_ablation_table_pairs_each_variant_with_its_reference_on_common_examples
         base = {"task": "lookup", "setting": "query_aware", "example": e, "kv_kept": 0.3}
         recs.append({**base, "method": "full", "keep_ratio": 1.0, "score": full})
         recs.append({**base, "method": "shotkv", "keep_ratio": 0.3, "score": paper})
-        if e < 3:                                   # example 3 unfinished for the variant: left out of every row
+        if e < 3:                                   # example 3 unfinished for the variant: left out of its row
             recs.append({**base, "method": "shotkv[shot_score=max]", "keep_ratio": 0.3, "score": var})
     f = tmp_path / "r.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in recs))
     rows = {r["method"]: r for r in mod.rows_of(mod.load_records([f]), "lookup", "query_aware", 0.3)}
-    assert rows["full"]["n"] == rows["shotkv"]["n"] == 3
-    assert rows["shotkv"]["acc"][0] == pytest.approx(2 / 3)
+    assert rows["full"]["n"] == rows["shotkv"]["n"] == 4 and rows["shotkv[shot_score=max]"]["n"] == 3
+    assert rows["shotkv"]["acc"][0] == pytest.approx(2 / 4) and rows["full"]["acc"][0] == pytest.approx(3 / 4)
+    assert rows["shotkv[shot_score=max]"]["acc"][0] == pytest.approx(2 / 3)
     d, se = rows["shotkv[shot_score=max]"]["d"]
     assert d == pytest.approx(0.0) and se == pytest.approx(math.sqrt(1 / 3))   # diffs +1, 0, -1
     assert rows["shotkv[shot_score=max]"]["wl"] == "1/1"
