@@ -580,3 +580,215 @@ def test_method_triton_backend_equals_reference(device):
     assert torch.equal(kept[0], kept[1])
     counts = (kept[0] >= 0).sum(-1)
     assert counts.sum(-1).tolist() == [Hkv * kk.methods.budget_tokens(0.3, n) for n in lengths]
+
+
+# ------------------------------------------------------------------------------------------------
+# head_budget="adakv" on the other per-head methods (SnapKV, PyramidKV, KNorm, H2O)
+# ------------------------------------------------------------------------------------------------
+
+def _prefill_inputs(lengths, Hq=4, Hkv=2, D=8, layer=0, layers=4, seed=0, key_scale=None):
+    from kvpress_kernels.methods import GenerationInfo, PrefillInputs
+    g = torch.Generator().manual_seed(seed)
+    B, N = len(lengths), max(lengths)
+    q, k = torch.randn(B, Hq, N, D, generator=g), torch.randn(B, Hkv, N, D, generator=g)
+    if key_scale is not None:                       # per-head key norms: crafted KNorm scores
+        k = k * torch.tensor(key_scale).view(1, Hkv, 1, 1)
+    for b, n in enumerate(lengths):
+        q[b, :, n:] = 0
+        k[b, :, n:] = 0
+    info = GenerationInfo(layers, B, Hq, Hkv, D, tuple(lengths))
+    return PrefillInputs(layer, q, k, k.clone(), torch.tensor(lengths), D ** -0.5, info)
+
+
+def _kept_lists(ev, B, H):
+    out = []
+    for b in range(B):
+        rows = []
+        for h in range(H):
+            r = ev.kept_idx[b, h]
+            v = r[r >= 0].tolist()
+            assert v == sorted(v) and (r[len(v):] == -1).all()
+            rows.append(v)
+        out.append(rows)
+    return out
+
+
+def _oracle(scores, budgets, alpha, lengths, protect):
+    """AdaKV over the method's own per-head scores: naive_row (above) per sequence."""
+    B, H, _ = scores.shape
+    x = scores.double().tolist()
+    floor = [0 if alpha == 0 or b <= 0 else max(1, int(b * alpha)) for b in budgets]
+    return [naive_row(x[b], H * budgets[b], floor[b], [int(lengths[b])] * H,
+                      protect=None if protect is None else protect[b].tolist()) for b in range(B)]
+
+
+def _window_protect(lengths, N, H, windows, budgets):
+    start = torch.tensor([n - min(w, b) for n, w, b in zip(lengths, windows, budgets)])
+    return (torch.arange(N).view(1, 1, N) >= start.view(-1, 1, 1)).expand(len(lengths), H, N)
+
+
+PER_HEAD = {
+    "snapkv": lambda r, a: kk.SnapKV(r, window_size=5, head_budget="adakv", head_alpha=a),
+    "pyramidkv": lambda r, a: kk.PyramidKV(r, window_size=3, beta=4, head_budget="adakv", head_alpha=a),
+    "knorm": lambda r, a: kk.KNorm(r, head_budget="adakv", head_alpha=a),
+    "h2o": lambda r, a: kk.H2O(r, recent_ratio=0.25, compress_decode=False, head_budget="adakv", head_alpha=a),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_HEAD))
+@pytest.mark.parametrize("ratio,alpha", [(0.3, 0.2), (0.5, 0.0), (0.25, 1.0)])
+@pytest.mark.parametrize("layer", [0, 3])
+def test_head_budget_option_matches_the_oracle(name, ratio, alpha, layer):
+    """The kept sets equal AdaKV's naive oracle over the method's own per-head scores (its protected tokens
+    first); the layer keeps exactly Hkv x the method's per-head budget; alpha = 1 is the uniform method."""
+    lengths = [57, 40]
+    B, H, N = 2, 2, 57
+    inp = _prefill_inputs(lengths, layer=layer, seed=layer + 3, key_scale=[0.5, 2.0] if name == "knorm" else None)
+    m = PER_HEAD[name](ratio, alpha)
+    m.begin(inp.info)
+    budgets = m.layer_budgets(inp) if hasattr(m, "layer_budgets") else [m.budget(n) for n in lengths]
+    if name in ("snapkv", "pyramidkv"):
+        scores = m.window_scores(inp)
+        protect = _window_protect(lengths, N, H, m.windows(lengths), budgets)
+    elif name == "knorm":
+        scores, protect = m.token_scores(inp), None
+    else:
+        scores = m.token_scores(inp)
+        start = torch.tensor([n - m._recent(b) for n, b in zip(lengths, budgets)])
+        protect = (torch.arange(N).view(1, 1, N) >= start.view(B, 1, 1)).expand(B, H, N)
+    got = _kept_lists(m.prefill(inp), B, H)
+    assert got == _oracle(scores, budgets, alpha, lengths, protect)
+    for b in range(B):
+        assert sum(len(r) for r in got[b]) == H * budgets[b]
+    uniform = {"snapkv": lambda: kk.SnapKV(ratio, window_size=5),
+               "pyramidkv": lambda: kk.PyramidKV(ratio, window_size=3, beta=4),
+               "knorm": lambda: kk.KNorm(ratio),
+               "h2o": lambda: kk.H2O(ratio, recent_ratio=0.25, compress_decode=False)}[name]()
+    uniform.begin(inp.info)
+    same = _kept_lists(uniform.prefill(inp), B, H) == got
+    assert same == (alpha == 1.0) or (alpha != 1.0 and not same), "alpha = 1 must give the uniform method"
+
+
+def test_knorm_head_budget_gives_the_short_keys_head_more_slots():
+    """Crafted norms: head 0's keys are 4x shorter, so the union selection gives it most of the slots."""
+    inp = _prefill_inputs([64], key_scale=[0.25, 1.0], seed=9)
+    m = kk.KNorm(0.25, head_budget="adakv", head_alpha=0.25)
+    m.begin(inp.info)
+    rows = _kept_lists(m.prefill(inp), 1, 2)[0]
+    assert len(rows[0]) + len(rows[1]) == 2 * 16
+    assert len(rows[1]) == 4 and len(rows[0]) == 28            # head 1 is held at its floor int(0.25 * 16)
+
+
+def test_h2o_head_budget_decode_matches_the_oracle():
+    """Decoding with per-head rows: Hkv * (ext + budget) tokens over the heads of each sequence, the recent
+    window and the extended prompt protected, floor per head; accumulated scores by position."""
+    from kvpress_kernels.methods import DecodeInputs, GenerationInfo
+    g = torch.Generator().manual_seed(12)
+    B, H, S, prompt = 1, 2, 24, 16
+    info = GenerationInfo(1, B, 4, H, 8, (prompt,))
+    m = kk.H2O(0.5, recent_ratio=0.25, head_budget="adakv", head_alpha=0.2)
+    m.begin(info)
+    lens = [20, 14]                                  # per-head rows after an AdaKV prefill and 4 decode steps
+    positions = torch.full((B, H, S), -1, dtype=torch.int32)
+    pos_rows = [list(range(0, 16)) + [16, 17, 18, 19], [1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 16, 17, 18, 19]]
+    for h in range(H):
+        positions[0, h, :lens[h]] = torch.tensor(pos_rows[h], dtype=torch.int32)
+    m._acc[0] = torch.rand(B, H, 32, generator=g)
+    acc0 = m._acc[0].clone()
+    probs = torch.zeros(B, H, S)
+    for h in range(H):
+        probs[0, h, :lens[h]] = torch.rand(lens[h], generator=g)
+    inputs = DecodeInputs(layer=0, generated=4, probs=probs, positions=positions,
+                          lengths=torch.tensor([lens], dtype=torch.int32), lengths_host=np.array([lens]),
+                          seen_host=np.array([20]), info=info)
+    ev = m.decode(inputs)
+    assert ev.new_lengths is None
+    budget = kk.methods.budget_tokens(0.5, 20)      # 10 per head on average: 20 over both heads
+    acc = acc0.clone()
+    score = torch.zeros(B, H, S)
+    for h in range(H):
+        for s in range(lens[h]):
+            acc[0, h, pos_rows[h][s]] += probs[0, h, s]
+    for h in range(H):
+        for s in range(lens[h]):
+            score[0, h, s] = acc[0, h, pos_rows[h][s]]
+    recent_from = 20 - max(1, min(budget, int(0.25 * budget)))
+    protect = torch.zeros(B, H, S, dtype=torch.bool)
+    for h in range(H):
+        for s in range(lens[h]):
+            protect[0, h, s] = pos_rows[h][s] >= recent_from
+    want = naive_row(score[0].double().tolist(), H * budget, max(1, int(0.2 * budget)), lens,
+                     protect=protect[0].tolist())
+    assert _kept_lists(ev, B, H)[0] == want
+    assert sum(len(r) for r in want) == H * budget
+
+
+@pytest.mark.parametrize("name", ["pyramidkv", "knorm", "h2o"])
+def test_head_budget_generation_equals_attention_over_each_heads_kept_tokens(name):
+    """End to end on the paged cache for the other methods with head_budget="adakv": per-head lengths after
+    prefill, and greedy generation / every step's logits equal stock attention in which each kv head sees
+    only its own kept prompt tokens."""
+    from transformers import AttentionInterface
+    model = tiny_llama(4, 2, 16, layers=3, seed=3)
+    B, n, new = 2, 37, 4
+    ids = distinct_ids(B, n, seed=11)
+    method = {"pyramidkv": lambda: kk.PyramidKV(0.4, window_size=4, beta=4, head_budget="adakv"),
+              "knorm": lambda: kk.KNorm(0.3, head_budget="adakv"),
+              "h2o": lambda: kk.H2O(0.3, compress_decode=False, head_budget="adakv")}[name]()
+    with kk.compress(model, method, page_size=4) as s:
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    kv = s.cache.kv
+    kv.check_invariants()
+    lengths = s.cache.lengths_after_prefill                                  # [L, B, Hkv]
+    assert len(np.unique(lengths)) > 1                                        # heads really differ
+    for layer in range(3):
+        _, _, lens, pos = kv.gather(layer)
+        keep = torch.zeros(B, 2, n, dtype=torch.bool)
+        for b in range(B):
+            for h in range(2):
+                p = pos[b, h, :lens[b, h]]
+                keep[b, h, p[p < n].long()] = True
+        assert torch.equal(keep.sum(-1), torch.as_tensor(lengths[layer]))
+        _KEEP[layer] = keep
+    AttentionInterface.register("adakv_kept_only", _kept_only_attention)
+    prev = model.config._attn_implementation
+    model.config._attn_implementation = "adakv_kept_only"
+    try:
+        want = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True)
+    finally:
+        model.config._attn_implementation = prev
+        _KEEP.clear()
+    assert torch.equal(out.sequences, want.sequences)
+    for step, (a, b) in enumerate(zip(out.scores, want.scores)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+def test_h2o_head_budget_decoding_keeps_the_shared_budget_on_the_paged_cache():
+    """H2O evicting while decoding with per-head rows: every step each sequence holds exactly
+    Hkv * budget(t) tokens over its heads (rows of different lengths), the pool stays consistent."""
+    model = tiny_llama(4, 2, 16, layers=2, seed=5)
+    ids = distinct_ids(1, 30, seed=2)
+    with kk.compress(model, kk.H2O(0.4, head_budget="adakv"), page_size=4) as s:
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+    kv = s.cache.kv
+    kv.check_invariants()
+    for layer in range(2):
+        lens = kv.gather(layer)[2]
+        assert int(lens.sum()) == 2 * kk.methods.budget_tokens(0.4, 30 + 6 - 1) or int(lens.sum()) == \
+            2 * kk.methods.budget_tokens(0.4, 30 + 6)
+        assert len(set(lens.flatten().tolist())) > 1
+
+
+def test_head_budget_bad_options():
+    for cls in (kk.SnapKV, kk.PyramidKV, kk.KNorm, kk.H2O):
+        with pytest.raises(ValueError, match="head_budget"):
+            cls(0.3, head_budget="per_layer")
+        with pytest.raises(ValueError, match="head_alpha"):
+            cls(0.3, head_budget="adakv", head_alpha=-0.1)
+        with pytest.raises(TypeError, match="head_alpha"):
+            cls(0.3, head_alpha="0.2")
+        assert "head_budget='adakv'" in repr(cls(0.3, head_budget="adakv")) and "head_budget" not in repr(cls(0.3))
+    a = kk.AdaKV(0.3, alpha=0.3)
+    assert a.head_budget == "adakv" and a.alpha == 0.3 and "head_budget" not in repr(a)

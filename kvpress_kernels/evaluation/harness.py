@@ -95,27 +95,57 @@ def build_method(name: str, keep_ratio: float):
     decoding phase here: tokens fed after prefill — the question in ``query_agnostic``, the follow-up
     questions of ``multi_answer`` — are prompt tokens (multi-token forwards extend the prompt, see
     docs/METHODS.md "Sessions"), so the decoding phase compresses only the generated answers.
+    Options in brackets go to the constructor (:func:`parse_method_name`): ``shotkv[shot_score=max]``.
     """
     from .. import methods as M
 
+    base, options = parse_method_name(name)
     builders = {
-        "full": lambda r: None,
-        "shotkv": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=1.0),
-        "shotkv_decode": lambda r: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=r),
-        "snapkv": lambda r: M.SnapKV(keep_ratio=r),
-        "adakv": lambda r: M.AdaKV(keep_ratio=r),
-        "pyramidkv": lambda r: M.PyramidKV(keep_ratio=r),
-        "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
-        "streamingllm": lambda r: M.StreamingLLM(keep_ratio=r),
-        "h2o": lambda r: M.H2O(keep_ratio=r),
+        "full": lambda r, **kw: None,
+        "shotkv": lambda r, **kw: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=1.0, **kw),
+        "shotkv_decode": lambda r, **kw: M.ShotKV(prefill_keep_ratio=r, decode_keep_ratio=r, **kw),
+        "snapkv": lambda r, **kw: M.SnapKV(keep_ratio=r, **kw),
+        "adakv": lambda r, **kw: M.AdaKV(keep_ratio=r, **kw),
+        "pyramidkv": lambda r, **kw: M.PyramidKV(keep_ratio=r, **kw),
+        "chunkkv": lambda r, **kw: M.ChunkKV(keep_ratio=r, **kw),
+        "streamingllm": lambda r, **kw: M.StreamingLLM(keep_ratio=r, **kw),
+        "h2o": lambda r, **kw: M.H2O(keep_ratio=r, **kw),
+        "knorm": lambda r, **kw: M.KNorm(keep_ratio=r, **kw),
+        "tova": lambda r, **kw: M.TOVA(keep_ratio=r, **kw),
         # KVzip: reconstruction scores after the prefill (run_once passes the tokenizer), one budget over all
         # layers and kv heads; kvzip_shotkv: ShotKV's prefill phase ranking shots by KVzip scores
-        "kvzip": lambda r: M.KVzip(keep_ratio=r),
-        "kvzip_shotkv": lambda r: M.KVzip(keep_ratio=r, select="shots"),
+        "kvzip": lambda r, **kw: M.KVzip(keep_ratio=r, **kw),
+        "kvzip_shotkv": lambda r, **kw: M.KVzip(keep_ratio=r, select="shots", **kw),
     }
-    if name not in builders:
+    if base not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}, got {name!r}")
-    return builders[name](keep_ratio)
+    if base == "full" and options:
+        raise ValueError(f"the full cache takes no options, got {name!r}")
+    return builders[base](keep_ratio, **options)
+
+
+def parse_method_name(name: str) -> Tuple[str, Dict[str, object]]:
+    """``"shotkv[shot_score=max,shot_topk=4]"`` -> ``("shotkv", {"shot_score": "max", "shot_topk": 4})``:
+    a CLI name with constructor options (values parsed as int, then float, else kept as strings)."""
+    if "[" not in name:
+        return name, {}
+    if not name.endswith("]"):
+        raise ValueError(f"method options go in brackets at the end, e.g. 'shotkv[shot_score=max]', got {name!r}")
+    base, body = name[:-1].split("[", 1)
+    options: Dict[str, object] = {}
+    for item in filter(None, body.split(",")):
+        if "=" not in item:
+            raise ValueError(f"method option {item!r} of {name!r} must be key=value")
+        key, raw = (t.strip() for t in item.split("=", 1))
+        value: object = raw
+        for conv in (int, float):
+            try:
+                value = conv(raw)
+                break
+            except ValueError:
+                pass
+        options[key] = value
+    return base, options
 
 
 # --------------------------------------------------------------------------- one run
@@ -577,5 +607,5 @@ def plot(result: EvalResult, path: Path) -> Optional[Path]:
 
 
 __all__ = ["EvalConfig", "EvalResult", "run_eval", "run_once", "prepare", "build_method", "format_table",
-           "write_outputs", "summarize", "paired", "by_depth", "kl_divergence", "SETTINGS"]
+           "write_outputs", "summarize", "parse_method_name", "paired", "by_depth", "kl_divergence", "SETTINGS"]
 

@@ -9,12 +9,9 @@ kvpress's ``AdaKVPress`` masks the dropped keys in attention and frees nothing.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict
 
-import torch
-
-from ..ops.head_budget import select_head_budget
-from .base import Eviction, PrefillInputs, to_device
+from .base import check_head_alpha, head_floor_tokens
 from .snapkv import SnapKV
 
 
@@ -33,7 +30,8 @@ class AdaKV(SnapKV):
     - the layer keeps exactly ``Hkv * n`` tokens: the protected and floor tokens, then the best of all
       heads' remaining tokens together (ties: lower head, then lower position).
 
-    So the average head keeps SnapKV's ``n``; heads range from ``floor`` (window aside) to ``Hkv * n``.
+    This is ``SnapKV(..., head_budget="adakv", head_alpha=alpha)``; the same option exists on PyramidKV,
+    KNorm and H2O (docs/METHODS.md "Per-head budgets"). So the average head keeps SnapKV's ``n``; heads range from ``floor`` (window aside) to ``Hkv * n``.
     kvpress's ``AdaKVPress(SnapKVPress(compression_ratio=1 - keep_ratio), alpha_safeguard=alpha)``
     leaves the same tokens unmasked whenever both budgets agree (kvpress truncates ``N (1 - r)``, we
     round ``keep_ratio * N`` up) and ``n >= window_size``. The new per-head lengths are known only on
@@ -51,45 +49,22 @@ class AdaKV(SnapKV):
 
     def __init__(self, keep_ratio: float = 0.5, *, alpha: float = 0.2, window_size: int = 64, kernel_size: int = 5,
                  pooling: str = "avg"):
-        super().__init__(keep_ratio, window_size=window_size, kernel_size=kernel_size, pooling=pooling)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a float in [0, 1], got {type(alpha).__name__}")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1] (the per-head floor as a fraction of the average head "
-                             f"budget), got {alpha}")
-        self.alpha = float(alpha)
+        super().__init__(keep_ratio, window_size=window_size, kernel_size=kernel_size, pooling=pooling,
+                         head_budget="adakv", head_alpha=check_head_alpha("alpha", alpha))
+
+    @property
+    def alpha(self) -> float:
+        return self.head_alpha
 
     def _repr_args(self) -> Dict[str, object]:
-        return {**super()._repr_args(), "alpha": self.alpha}
+        out = {k: v for k, v in super()._repr_args().items() if k not in ("head_budget", "head_alpha")}
+        return {**out, "alpha": self.alpha}
 
     def floor_tokens(self, n: int) -> int:
         """Per-head floor for an average head budget of ``n`` tokens (kvpress's ``n_safe``)."""
-        if self.alpha == 0 or n <= 0:
-            return 0
-        return max(1, int(n * self.alpha))
+        return head_floor_tokens(n, self.alpha)
 
-    def prefill(self, inputs: PrefillInputs) -> Optional[Eviction]:
-        info = inputs.info
-        lengths = [int(n) for n in info.prompt_lengths]
-        budgets = self.layer_budgets(inputs)
-        if all(b >= n for b, n in zip(budgets, lengths)):
-            return None  # keeps everything: skip the scoring
-        B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
-        scores = self.window_scores(inputs)                                   # [B, Hkv, N]
-        windows = self.windows(lengths)
-        dev = inputs.keys.device
-        protect_from = to_device([n - min(w, b) for n, w, b in zip(lengths, windows, budgets)], dev)
-        j = torch.arange(N, device=dev)
-        protect = (j.view(1, 1, N) >= protect_from.view(B, 1, 1)).expand(B, Hkv, N)
-        totals = [Hkv * b for b in budgets]
-        # a head keeps at most min(its length, the layer's total): the width of kept_idx
-        K = min(N, max(totals))
-        _, kept_idx, _ = select_head_budget(
-            scores, to_device(totals, dev, torch.int64), floor=to_device([self.floor_tokens(b) for b in budgets], dev,
-                                                                         torch.int64),
-            lengths=inputs.lengths.to(torch.int64).view(B, 1).expand(B, Hkv), protect=protect, max_budget=K,
-            backend=info.backend)
-        return Eviction(kept_idx, None)
+    # prefill: SnapKV's, with head_budget="adakv" (base.head_budget_eviction)
 
 
 __all__ = ["AdaKV"]

@@ -274,6 +274,52 @@ def to_device(x, device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     return t.to(device)
 
 
+#: How a layer's budget is split over its kv heads: ``"uniform"`` (every head keeps the per-head budget ``n``)
+#: or ``"adakv"`` (AdaKV, Feng et al. 2024: one exactly-``Hkv * n`` selection over the union of the layer's kv
+#: heads' scores, every head keeping at least ``max(1, int(head_alpha * n))``; docs/METHODS.md "Per-head budgets").
+HEAD_BUDGETS = ("uniform", "adakv")
+
+
+def check_head_alpha(name: str, alpha) -> float:
+    """The per-head floor fraction of ``head_budget="adakv"``: a float in ``[0, 1]``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1], got {type(alpha).__name__}")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] (the per-head floor as a fraction of the average head "
+                         f"budget), got {alpha}")
+    return float(alpha)
+
+
+def head_floor_tokens(n: int, alpha: float) -> int:
+    """Per-head floor for an average head budget of ``n`` tokens: ``max(1, int(alpha * n))``, ``0`` when
+    ``alpha = 0`` or ``n = 0`` (kvpress's ``n_safe``)."""
+    if alpha == 0 or n <= 0:
+        return 0
+    return max(1, int(n * alpha))
+
+
+def head_budget_eviction(scores: torch.Tensor, budgets: Sequence[int], lengths: torch.Tensor, *, alpha: float,
+                         protect: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> Eviction:
+    """AdaKV's selection for a layer whose rows keep ``budgets[b]`` tokens per kv head on average:
+    ``Hkv * budgets[b]`` tokens over the union of the heads of sequence ``b`` (scores ``[B, Hkv, N]``, valid
+    below ``lengths[b]``, ``protect [B, Hkv, N]`` or ``[B*Hkv, N]`` kept first), each head keeping at least
+    :func:`head_floor_tokens` (:func:`~kvpress_kernels.ops.head_budget.select_head_budget`). The per-head
+    lengths are known only on the device: ``new_lengths=None`` (the cache reads them once per layer)."""
+    from ..ops.head_budget import select_head_budget
+
+    B, Hkv, N = scores.shape
+    dev = scores.device
+    totals = [Hkv * int(b) for b in budgets]
+    K = min(N, max(totals)) if totals else 0
+    if protect is not None:
+        protect = protect.reshape(B, Hkv, N)
+    _, kept_idx, _ = select_head_budget(
+        scores, to_device(totals, dev, torch.int64),
+        floor=to_device([head_floor_tokens(int(b), alpha) for b in budgets], dev, torch.int64),
+        lengths=lengths.to(torch.int64).view(B, 1).expand(B, Hkv), protect=protect, max_budget=K, backend=backend)
+    return Eviction(kept_idx, None)
+
+
 #: ``"ceil"``: ``ceil(keep_ratio * n)`` (ours: never below the asked fraction); ``"floor"``: kvpress's
 #: ``int(n * keep_ratio)`` (truncation).
 BUDGET_ROUNDINGS = ("ceil", "floor")

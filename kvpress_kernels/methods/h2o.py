@@ -9,9 +9,10 @@ import torch
 
 from .. import _validate as V
 from ..ops.scoring import attention_mass
+from ..ops.head_budget import select_head_budget
 from ..ops.selection import select_topk
-from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, scores_by_group,
-                   to_device, window_mass)
+from .base import (HEAD_BUDGETS, CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens,
+                   check_head_alpha, head_budget_eviction, head_floor_tokens, scores_by_group, to_device, window_mass)
 
 NORMALIZE = ("none", "queries")
 from .shotkv import shared_scores_by_position
@@ -48,11 +49,20 @@ class H2O(CompressionMethod):
         Also evict while decoding.
     normalize : {"none", "queries"}
     budget_rounding : {"ceil", "floor"}
+    head_budget : {"uniform", "adakv"}
+        ``"adakv"``: at prefill and at every decoding eviction a sequence keeps ``Hkv * budget`` tokens over
+        all its kv heads together (each head's recent window first, then at least
+        ``max(1, int(head_alpha * budget))`` per head, then the heaviest hitters of every head) — AdaKV's
+        selection, real per-head lengths in the paged cache.
+    head_alpha : float in [0, 1]
     """
 
     def __init__(self, keep_ratio: float = 0.5, *, recent_ratio: float = 0.5, compress_decode: bool = True,
-                 normalize: str = "none", budget_rounding: str = "ceil"):
+                 normalize: str = "none", budget_rounding: str = "ceil", head_budget: str = "uniform",
+                 head_alpha: float = 0.2):
         super().__init__(keep_ratio, budget_rounding=budget_rounding)
+        self.head_budget = V.choice("head_budget", head_budget, HEAD_BUDGETS)
+        self.head_alpha = check_head_alpha("head_alpha", head_alpha)
         self.recent_ratio = V.ratio("recent_ratio", recent_ratio, allow_zero=True)
         self.compress_decode = bool(compress_decode)
         self.normalize = V.choice("normalize", normalize, NORMALIZE)
@@ -74,6 +84,8 @@ class H2O(CompressionMethod):
         out = {**super()._repr_args(), "recent_ratio": self.recent_ratio, "compress_decode": self.compress_decode}
         if self.normalize != "none":
             out["normalize"] = self.normalize
+        if self.head_budget != "uniform":
+            out.update(head_budget=self.head_budget, head_alpha=self.head_alpha)
         return out
 
     def begin(self, info) -> None:
@@ -133,6 +145,9 @@ class H2O(CompressionMethod):
         B, Hkv = scores.shape[0], scores.shape[1]
         start = to_device([n - self._recent(b) for n, b in zip(lengths, budgets)], dev)
         protect = (torch.arange(N, device=dev).view(1, 1, N) >= start.view(B, 1, 1)).expand(B, Hkv, N)
+        if self.head_budget == "adakv":
+            return head_budget_eviction(scores, budgets, inputs.lengths, alpha=self.head_alpha, protect=protect,
+                                        backend=info.backend)
         return topk_per_head(scores, budgets, inputs.lengths, protect=protect.reshape(B * Hkv, N),
                              backend=info.backend)
 
@@ -159,6 +174,8 @@ class H2O(CompressionMethod):
         ext = inputs.extended_count()
         budgets = [self.budget(int(t - e)) for t, e in zip(inputs.seen_host, ext)]
         own = [int(e) + b for e, b in zip(ext, budgets)]
+        if self.head_budget == "adakv":
+            return self._decode_head_budget(inputs, acc, budgets, own)
         new_len = np.minimum(inputs.lengths_host, np.asarray(own, dtype=np.int64)[:, None])
         if (new_len == inputs.lengths_host).all():
             return None
@@ -173,6 +190,37 @@ class H2O(CompressionMethod):
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
                               backend=info.backend)
         return Eviction(kept.view(B, Hkv, -1), new_len.astype(np.int64))
+
+
+    def _scores_and_protect(self, inputs: DecodeInputs, acc: torch.Tensor, budgets):
+        B = inputs.probs.shape[0]
+        dev = inputs.probs.device
+        pos = inputs.positions.long()
+        valid = pos >= 0
+        scores = torch.where(valid, acc.gather(2, pos.clamp(min=0)), 0.0)
+        if self.normalize == "queries":
+            seen_by = (to_device(inputs.seen_host, dev, torch.float32).view(B, 1, 1) - pos.float()).clamp(min=1.0)
+            scores = scores / seen_by
+        start = to_device([int(t) - max(1, self._recent(b)) for t, b in zip(inputs.seen_host, budgets)], dev)
+        protect = valid & ((pos >= start.view(B, 1, 1)) | inputs.extended_mask())
+        return scores, protect
+
+    def _decode_head_budget(self, inputs: DecodeInputs, acc: torch.Tensor, budgets, own) -> Optional[Eviction]:
+        """``head_budget="adakv"`` while decoding: ``Hkv * own[b]`` tokens over the heads of sequence ``b``
+        (the rows' lengths differ since the prefill), floor ``head_floor_tokens(budget)`` per head."""
+        B, Hkv, S = inputs.probs.shape
+        held = inputs.lengths_host.astype(np.int64).sum(1)                                  # [B]
+        totals = np.minimum(held, Hkv * np.asarray(own, dtype=np.int64))
+        if (totals == held).all():
+            return None
+        dev = inputs.probs.device
+        scores, protect = self._scores_and_protect(inputs, acc, budgets)
+        _, kept, _ = select_head_budget(
+            scores, to_device(totals, dev, torch.int64),
+            floor=to_device([head_floor_tokens(int(b), self.head_alpha) for b in budgets], dev, torch.int64),
+            lengths=inputs.lengths.to(torch.int64), protect=protect, max_budget=min(S, int(totals.max())),
+            backend=inputs.info.backend)
+        return Eviction(kept, None)
 
 
 class TOVA(CompressionMethod):

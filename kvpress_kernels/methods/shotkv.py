@@ -11,10 +11,23 @@ import numpy as np
 import torch
 
 from .. import _validate as V
+from ..ops.scoring import pool_scores
 from ..ops.segments import segment_reduce, segments_to_token_mask
 from ..ops.selection import POLICIES, select_segments, select_topk
 from .base import (CompressionMethod, DecodeInputs, Eviction, PrefillInputs, budget_tokens, kept_from_mask,
                    to_device, window_mass)
+
+
+#: How a shot's score is formed from its tokens' scores (docs/METHODS.md "ShotKV scoring options").
+SHOT_SCORES = ("mean", "max", "topk_mean")
+#: Which query heads' attention a token's score sums: ``"sum"`` over all heads (the paper), or the ``"max"``
+#: over the heads (a token one head looks at hard is not drowned by the heads that ignore it).
+HEAD_REDUCES = ("sum", "max")
+#: ``"per_layer"``: each layer ranks the shots by its own scores (the paper); ``"cumulative"``: layer ``l``
+#: ranks by the shot scores summed over layers ``0..l`` (the deepest layers decide with all the evidence
+#: seen so far); ``"reuse"``: layer ``l`` reuses the selection of layer ``l - l % reuse_every`` (ChunkKV's
+#: layer-wise index reuse).
+LAYER_RANKINGS = ("per_layer", "cumulative", "reuse")
 
 
 class ShotKV(CompressionMethod):
@@ -41,6 +54,20 @@ class ShotKV(CompressionMethod):
     than the budget): never silently — :attr:`stats` records it (``"over_budget"``: per layer the
     sequences concerned; ``"protected_tokens"`` / ``"budget_tokens"`` per sequence) and a
     ``UserWarning`` is issued once per generation.
+
+    Scoring options (the ablation is docs/results/ablation_shot_scoring.md; the defaults are the paper's
+    rule above): ``shot_score`` = how step 2 reduces a shot's token scores — ``"mean"`` (the paper),
+    ``"max"``, ``"topk_mean"`` (mean of the shot's ``shot_topk`` best tokens, all of them in a shorter
+    shot); ``head_reduce`` = step 1's reduction over the query heads (``"sum"``, the paper, or ``"max"``);
+    ``pool_size`` (odd, 1 = none) = SnapKV's centred average pooling of the token scores before step 2
+    (:func:`~kvpress_kernels.ops.scoring.pool_scores`, zero padded, within each prompt); ``layer_ranking``
+    = which scores rank the shots of layer ``l`` (``"per_layer"``, the paper; ``"cumulative"``: the
+    shot scores summed over layers ``0..l``; ``"reuse"``: the selection of layer ``l - l % reuse_every``,
+    which skips the scoring of the other layers). A ranking shared by *all* layers from all layers'
+    scores is not offered: the integration evicts each layer right after its prefill attention, so the
+    first layers would have to hold the full prompt until the last one is scored (or the prompt be
+    prefilled twice); ``"cumulative"`` is its causal version. The observation window (``window_size``
+    ``None``) is already question-conditioned: it is the question (the tokens after the last shot).
 
     Every kv head keeps the same tokens. The compressed prefill cache is then frozen: decoding never
     evicts a prompt token. The segmentation, windows, protected masks and budgets are built once per
@@ -71,13 +98,27 @@ class ShotKV(CompressionMethod):
         Most recent generated tokens always kept while decoding.
     budget_rounding : {"ceil", "floor"}
         ``floor``: ``max(1, int(prefill_keep_ratio * n))``, kvpress's rounding.
+    shot_score : {"mean", "max", "topk_mean"}
+        Reduction of a shot's token scores (default ``"mean"``, the paper).
+    shot_topk : int >= 1
+        Tokens averaged by ``shot_score="topk_mean"``.
+    head_reduce : {"sum", "max"}
+        Reduction of the attention mass over the query heads (default ``"sum"``, the paper).
+    pool_size : int, odd
+        Average pooling of the token scores before the shot reduction (default 1: none).
+    layer_ranking : {"per_layer", "cumulative", "reuse"}
+        Which scores rank the shots of a layer (default ``"per_layer"``, the paper).
+    reuse_every : int >= 1
+        Period of ``layer_ranking="reuse"``.
     """
 
     supports_context_lengths = True
 
     def __init__(self, prefill_keep_ratio: Optional[float] = None, decode_keep_ratio: Optional[float] = None, *,
                  keep_ratio: Optional[float] = None, window_size: Optional[int] = None, fallback_window: int = 8,
-                 policy: str = "stop", decode_recent: int = 4, budget_rounding: str = "ceil"):
+                 policy: str = "stop", decode_recent: int = 4, budget_rounding: str = "ceil",
+                 shot_score: str = "mean", shot_topk: int = 4, head_reduce: str = "sum", pool_size: int = 1,
+                 layer_ranking: str = "per_layer", reuse_every: int = 2):
         if prefill_keep_ratio is not None and keep_ratio is not None:
             raise ValueError("keep_ratio is another name for prefill_keep_ratio: give only one of them")
         ratio = prefill_keep_ratio if prefill_keep_ratio is not None else keep_ratio
@@ -90,6 +131,16 @@ class ShotKV(CompressionMethod):
         self.fallback_window = V.integer("fallback_window", fallback_window, low=1)
         self.policy = V.choice("policy", policy, POLICIES)
         self.decode_recent = V.integer("decode_recent", decode_recent, low=0)
+        self.shot_score = V.choice("shot_score", shot_score, SHOT_SCORES)
+        self.shot_topk = V.integer("shot_topk", shot_topk, low=1)
+        self.head_reduce = V.choice("head_reduce", head_reduce, HEAD_REDUCES)
+        self.pool_size = V.integer("pool_size", pool_size, low=1)
+        if self.pool_size % 2 == 0:
+            raise ValueError(f"pool_size must be odd (a centred pooling window), got {pool_size}")
+        self.layer_ranking = V.choice("layer_ranking", layer_ranking, LAYER_RANKINGS)
+        self.reuse_every = V.integer("reuse_every", reuse_every, low=1)
+        self._ranking: Optional[torch.Tensor] = None   # running shot scores ("cumulative") or last selection
+        self._ranking_layer = -1
         self._prefill_kept: Dict[int, np.ndarray] = {}
         self._plan: Optional[dict] = None
 
@@ -106,6 +157,15 @@ class ShotKV(CompressionMethod):
                "window_size": self.window_size, "policy": self.policy, "decode_recent": self.decode_recent}
         if self.budget_rounding != "ceil":
             out["budget_rounding"] = self.budget_rounding
+        # the scoring options only when they differ from the paper's rule
+        for name, default in (("shot_score", "mean"), ("head_reduce", "sum"), ("pool_size", 1),
+                              ("layer_ranking", "per_layer")):
+            if getattr(self, name) != default:
+                out[name] = getattr(self, name)
+        if self.shot_score == "topk_mean":
+            out["shot_topk"] = self.shot_topk
+        if self.layer_ranking == "reuse":
+            out["reuse_every"] = self.reuse_every
         return out
 
     def begin(self, info) -> None:
@@ -114,6 +174,8 @@ class ShotKV(CompressionMethod):
             raise ValueError("shots must be given for ShotKV: pass shots=[(start, end), ...] (token spans of the "
                              "few-shot exemplars, see kvpress_kernels.find_shots) to compress() or generate()")
         self._prefill_kept = {}
+        self._ranking = None
+        self._ranking_layer = -1
         self._plan = self._make_plan(info)
         plan = self._plan
         self.stats = {"budget_tokens": plan["budgets"].tolist(), "protected_tokens": plan["protected"].tolist(),
@@ -191,13 +253,23 @@ class ShotKV(CompressionMethod):
             self._prefill_kept[inputs.layer] = np.asarray(lengths, dtype=np.int64)
             return None
         rows = inputs.lengths if plan["rows"] is None else plan["rows"]
-        scores = self.shot_token_scores(inputs)                                            # [B, N]
-        seg_scores = segment_reduce(scores, spans=plan["spans"], reduce="mean", lengths=rows,
-                                    backend=info.backend)
-        # protected segments are kept first; where they alone exceed the budget (reported in begin())
-        # the op's budget is theirs, so nothing else is kept
-        seg_keep = select_segments(seg_scores, plan["sizes"], plan["budgets_dev"], policy=self.policy,
-                                   protect=plan["protect"], backend=info.backend)
+        layer = int(inputs.layer)
+        reused = (self.layer_ranking == "reuse" and layer % self.reuse_every != 0 and self._ranking is not None
+                  and self._ranking_layer == layer - layer % self.reuse_every)
+        if reused:
+            seg_keep = self._ranking
+        else:
+            seg_scores = self.shot_scores(inputs, rows)                                  # [B, S]
+            if self.layer_ranking == "cumulative":
+                if self._ranking is not None and self._ranking_layer < layer:
+                    seg_scores = seg_scores + self._ranking
+                self._ranking, self._ranking_layer = seg_scores, layer
+            # protected segments are kept first; where they alone exceed the budget (reported in begin())
+            # the op's budget is theirs, so nothing else is kept
+            seg_keep = select_segments(seg_scores, plan["sizes"], plan["budgets_dev"], policy=self.policy,
+                                       protect=plan["protect"], backend=info.backend)
+            if self.layer_ranking == "reuse":
+                self._ranking, self._ranking_layer = seg_keep, layer
         mask = segments_to_token_mask(seg_keep, n_tokens=N, spans=plan["spans"])
         kept, counts = kept_from_mask(mask)
         self._prefill_kept[inputs.layer] = counts
@@ -210,9 +282,22 @@ class ShotKV(CompressionMethod):
                         np.repeat(counts[:, None], Hkv, axis=1))
 
     def shot_token_scores(self, inputs: PrefillInputs) -> torch.Tensor:
-        """Token scores ``[B, N]`` the shots are ranked by (step 1): the observation-window mass summed over
-        all query heads. A subclass may rank by other scores (KVzip's reconstruction scores)."""
-        return window_mass(inputs, self._plan["windows"], "all_sum")
+        """Token scores ``[B, N]`` the shots are ranked by (step 1): the observation-window mass reduced over
+        all query heads (``head_reduce``). A subclass may rank by other scores (KVzip's reconstruction
+        scores); the shot-scoring options (pooling, ``shot_score``, ``layer_ranking``) then apply to them."""
+        return window_mass(inputs, self._plan["windows"], "all_" + self.head_reduce)
+
+    def shot_scores(self, inputs: PrefillInputs, rows: torch.Tensor) -> torch.Tensor:
+        """Score of every segment ``[B, S]`` (float32) of this layer under the scoring options (the
+        protected segments get scores too; the selection ignores them)."""
+        plan = self._plan
+        backend = inputs.info.backend
+        scores = self.shot_token_scores(inputs)                                            # [B, N]
+        if self.pool_size > 1:
+            scores = pool_scores(scores, "avg", self.pool_size, lengths=rows)
+        if self.shot_score == "topk_mean":
+            return segment_topk_mean(scores, plan["spans"], plan["sizes_host"], self.shot_topk, rows)
+        return segment_reduce(scores, spans=plan["spans"], reduce=self.shot_score, lengths=rows, backend=backend)
 
     # -------------------------------------------------------------- decoding
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
@@ -243,6 +328,33 @@ class ShotKV(CompressionMethod):
                               protect=protect.reshape(B * Hkv, S), max_budget=int(new_len.max()),
                               backend=info.backend)
         return Eviction(kept.view(B, Hkv, -1), new_len.astype(np.int64))
+
+
+def segment_topk_mean(scores: torch.Tensor, spans: torch.Tensor, sizes_host: np.ndarray, k: int,
+                      lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of the ``k`` largest token scores of each segment (all of them in a segment of fewer tokens):
+    ``out[b, s] = mean(top_k(scores[b, spans[b, s, 0] : spans[b, s, 1]]))``, tokens at or beyond
+    ``lengths[b]`` excluded; 0 for an empty segment. ``scores: [B, N]``, ``spans: [B, S, 2]`` (device),
+    ``sizes_host``: the segment sizes on the host (``[B, S]``, sizes the gather without a sync).
+    Returns float32 ``[B, S]``. Plain PyTorch: one gather of ``[B, S, max size]`` and a ``topk``."""
+    B, N = scores.shape
+    S = spans.shape[1]
+    L = max(1, int(np.asarray(sizes_host).max()) if np.asarray(sizes_host).size else 1)
+    dev = scores.device
+    x = scores.float()
+    end = spans[..., 1]
+    if lengths is not None:
+        end = torch.minimum(end, lengths.to(end.dtype).view(B, 1))
+    idx = spans[..., 0].unsqueeze(-1) + torch.arange(L, device=dev)                       # [B, S, L]
+    valid = idx < end.unsqueeze(-1)
+    vals = x.gather(1, idx.clamp(max=max(N - 1, 0)).reshape(B, S * L)).view(B, S, L)
+    vals = torch.where(valid, vals, torch.full_like(vals, float("-inf")))
+    kk = min(k, L)
+    top = vals.topk(kk, dim=-1).values                                                   # [B, S, kk]
+    count = valid.sum(-1).clamp(max=kk)                                                  # [B, S]
+    rank = torch.arange(kk, device=dev)
+    total = torch.where(rank < count.unsqueeze(-1), top, torch.zeros_like(top)).sum(-1)
+    return torch.where(count > 0, total / count.clamp(min=1).to(total.dtype), torch.zeros_like(total))
 
 
 def shared_scores_by_position(probs: torch.Tensor, positions: torch.Tensor, max_pos: int) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from .. import _validate as V
 from ..ops.scoring import token_norm
-from .base import CompressionMethod, Eviction, PrefillInputs, to_device
+from .base import (HEAD_BUDGETS, CompressionMethod, Eviction, PrefillInputs, check_head_alpha, head_budget_eviction,
+                   to_device)
 from .snapkv import topk_per_head
 
 
@@ -69,7 +70,23 @@ class KNorm(CompressionMethod):
     (sequence, kv head) keeps its ``ceil(keep_ratio * n)`` lowest-norm keys (score ``-||k_j||``, fp32).
 
     kvpress-compatible (:meth:`kvpress`): ``budget_rounding="floor"``, the only difference from kvpress
-    0.5.5's ``KnormPress``."""
+    0.5.5's ``KnormPress``.
+
+    ``head_budget="adakv"`` (``head_alpha``: the per-head floor): the layer's ``Hkv * budget`` lowest-norm
+    keys over all its kv heads together (AdaKV's selection, see :class:`~kvpress_kernels.methods.SnapKV`).
+    Key norms are not normalised per head: a head whose keys are shorter overall keeps more of them."""
+
+    def __init__(self, keep_ratio: float = 0.5, *, budget_rounding: str = "ceil", head_budget: str = "uniform",
+                 head_alpha: float = 0.2):
+        super().__init__(keep_ratio, budget_rounding=budget_rounding)
+        self.head_budget = V.choice("head_budget", head_budget, HEAD_BUDGETS)
+        self.head_alpha = check_head_alpha("head_alpha", head_alpha)
+
+    def _repr_args(self):
+        out = super()._repr_args()
+        if self.head_budget != "uniform":
+            out.update(head_budget=self.head_budget, head_alpha=self.head_alpha)
+        return out
 
     @classmethod
     def kvpress(cls, compression_ratio: float, **kwargs) -> "KNorm":
@@ -86,6 +103,9 @@ class KNorm(CompressionMethod):
         budgets = [self.budget(n) for n in lengths]
         if all(b >= n for b, n in zip(budgets, lengths)):
             return None
+        if self.head_budget == "adakv":
+            return head_budget_eviction(self.token_scores(inputs), budgets, inputs.lengths, alpha=self.head_alpha,
+                                        backend=inputs.info.backend)
         return topk_per_head(self.token_scores(inputs), budgets, inputs.lengths, backend=inputs.info.backend)
 
 

@@ -10,7 +10,8 @@ import torch
 from .. import _validate as V
 from ..ops.scoring import attention_mass, pool_scores
 from ..ops.selection import select_topk
-from .base import CompressionMethod, Eviction, PrefillInputs, to_device, window_mass, window_queries
+from .base import (HEAD_BUDGETS, CompressionMethod, Eviction, PrefillInputs, check_head_alpha, head_budget_eviction,
+                   to_device, window_mass, window_queries)
 
 POOLINGS = ("avg", "max", "none")
 
@@ -48,13 +49,22 @@ class SnapKV(CompressionMethod):
     pooling : {"avg", "max", "none"}
     budget_rounding : {"ceil", "floor"}
     window_score : {"protect", "max_plus_one"}
+    head_budget : {"uniform", "adakv"}
+        ``"adakv"``: the layer's ``Hkv * budget`` tokens are chosen over all its kv heads together, each head
+        keeping at least ``max(1, int(head_alpha * budget))`` (its window counting first) — real per-head
+        lengths in the paged cache (:class:`~kvpress_kernels.methods.AdaKV` is SnapKV with this option).
+    head_alpha : float in [0, 1]
+        The per-head floor of ``head_budget="adakv"``, as a fraction of the average head budget.
     """
 
     supports_context_lengths = True
 
     def __init__(self, keep_ratio: float = 0.5, *, window_size: int = 64, kernel_size: int = 5,
-                 pooling: str = "avg", budget_rounding: str = "ceil", window_score: str = "protect"):
+                 pooling: str = "avg", budget_rounding: str = "ceil", window_score: str = "protect",
+                 head_budget: str = "uniform", head_alpha: float = 0.2):
         super().__init__(keep_ratio, budget_rounding=budget_rounding)
+        self.head_budget = V.choice("head_budget", head_budget, HEAD_BUDGETS)
+        self.head_alpha = check_head_alpha("head_alpha", head_alpha)
         self.window_size = V.integer("window_size", window_size, low=1)
         self.kernel_size = V.integer("kernel_size", kernel_size, low=1)
         if self.kernel_size % 2 == 0:
@@ -74,6 +84,8 @@ class SnapKV(CompressionMethod):
                "pooling": self.pooling}
         if self.window_score != "protect":
             out["window_score"] = self.window_score
+        if self.head_budget != "uniform":
+            out.update(head_budget=self.head_budget, head_alpha=self.head_alpha)
         return out
 
     # -------------------------------------------------------------- pieces reused by subclasses
@@ -139,9 +151,11 @@ class SnapKV(CompressionMethod):
             return None  # keeps everything: skip the scoring
         B, Hkv, N = inputs.keys.shape[0], inputs.keys.shape[1], inputs.keys.shape[2]
         rows, protect = self._host_plan(inputs, tuple(budgets))
-        if self.window_score == "max_plus_one":
-            return topk_per_head(self.token_scores(inputs), budgets, rows, backend=info.backend)
-        scores = self.window_scores(inputs)                                   # [B, Hkv, N]
+        scores = self.token_scores(inputs) if self.window_score == "max_plus_one" else self.window_scores(inputs)
+        if self.head_budget == "adakv":
+            # group-mean window mass: every head's scores sum to its window size, so heads rank together
+            return head_budget_eviction(scores, budgets, rows, alpha=self.head_alpha, protect=protect,
+                                        backend=info.backend)
         return topk_per_head(scores, budgets, rows, protect=protect, backend=info.backend)
 
     def _host_plan(self, inputs: PrefillInputs, budgets: tuple):
@@ -188,17 +202,18 @@ class PyramidKV(SnapKV):
 
     Parameters
     ----------
-    keep_ratio, window_size, kernel_size, pooling, window_score
-        As :class:`SnapKV`.
+    keep_ratio, window_size, kernel_size, pooling, window_score, head_budget, head_alpha
+        As :class:`SnapKV` (``head_budget="adakv"``: each layer's pyramid budget shared by its kv heads).
     beta : int >= 1
         Steepness of the pyramid (larger: bigger difference between the first and last layer).
     """
 
     def __init__(self, keep_ratio: float = 0.5, *, window_size: int = 64, kernel_size: int = 5,
                  pooling: str = "avg", beta: int = 20, budget_rounding: str = "ceil",
-                 window_score: str = "protect"):
+                 window_score: str = "protect", head_budget: str = "uniform", head_alpha: float = 0.2):
         super().__init__(keep_ratio, window_size=window_size, kernel_size=kernel_size, pooling=pooling,
-                         budget_rounding=budget_rounding, window_score=window_score)
+                         budget_rounding=budget_rounding, window_score=window_score, head_budget=head_budget,
+                         head_alpha=head_alpha)
         self.beta = V.integer("beta", beta, low=1)
 
     def _repr_args(self) -> Dict[str, object]:
