@@ -11,7 +11,9 @@ Not part of ``kvpress-kernels bench`` (that suite times ops on synthetic caches)
 Every configuration runs in a fresh process (``--one``), so that peak memory is that configuration's
 own: the peak resident set size (``VmHWM``) during the measured call minus the resident size just
 before it (the model loaded, and up to 1k tokens one warm-up call done), reset with ``/proc/self/clear_refs`` first.
-Time is the best of ``--repeat`` calls (wall clock). Rows:
+Time is the best of ``--repeat`` calls, wall clock (``seconds``) and this process's CPU time
+(``cpu_seconds``, ``time.process_time``: with one torch thread it is the wall time of an idle machine
+and, unlike wall time, barely moves with other processes' load; compare rows by it). Rows:
 
 - ``prefill``: ``stock`` = the model's forward with transformers' SDPA attention and a DynamicCache (what
   ``generate`` does first); ``paged`` = the same prompt through ``kvpress_kernels.generate`` with no
@@ -104,6 +106,7 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
     mask = torch.ones_like(ids)
     n = ids.shape[1]
     row = {"kind": kind, "config": name, "tokens": n, "threads": threads,
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "code": os.environ.get("BENCH_CODE_LABEL", "")}
 
     def paged(method, new):
@@ -142,17 +145,18 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
         with torch.no_grad():
             if n <= warmup_max:
                 call()                    # warm-up (at 4k tokens a call is long enough to need none)
-            best, best_st, peak = None, {}, 0
+            best, best_st, peak, best_cpu = None, {}, 0, float("inf")
             for _ in range(repeat):
                 base = _rss_kib("VmRSS")
                 reset = _reset_peak()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 st = call()
                 dt = time.perf_counter() - t0
+                best_cpu = min(best_cpu, time.process_time() - c0)
                 peak = max(peak, (_rss_kib("VmHWM") - base) if reset else -1)
                 if best is None or dt < best:
                     best, best_st = dt, st
-        row.update({"seconds": best, "peak_extra_mib": peak / 1024})
+        row.update({"seconds": best, "cpu_seconds": best_cpu, "peak_extra_mib": peak / 1024})
         if best_st:
             row.update({"prefill_s": best_st.get("prefill_s"), "compress_s": best_st.get("compress_s"),
                         "compress_share": (best_st.get("compress_s") or 0.0) / best_st["prefill_s"]
@@ -164,12 +168,16 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
         with torch.no_grad():
             if warmup_max:
                 fn(1)
-            t1 = t2 = float("inf")
+            t1 = t2 = c1 = c2 = float("inf")
             for _ in range(repeat):                   # interleaved, best of each
-                t0 = time.perf_counter(); fn(1); t1 = min(t1, time.perf_counter() - t0)
-                t0 = time.perf_counter(); fn(1 + decode_tokens); t2 = min(t2, time.perf_counter() - t0)
+                c0, t0 = time.process_time(), time.perf_counter(); fn(1)
+                t1, c1 = min(t1, time.perf_counter() - t0), min(c1, time.process_time() - c0)
+                c0, t0 = time.process_time(), time.perf_counter(); fn(1 + decode_tokens)
+                t2, c2 = min(t2, time.perf_counter() - t0), min(c2, time.process_time() - c0)
         row.update({"seconds_new1": t1, "seconds_new": t2, "decode_tokens": decode_tokens,
-                    "ms_per_decode_token": (t2 - t1) / decode_tokens * 1e3})
+                    "ms_per_decode_token": (t2 - t1) / decode_tokens * 1e3,
+                    "cpu_seconds_new1": c1, "cpu_seconds_new": c2,
+                    "cpu_ms_per_decode_token": (c2 - c1) / decode_tokens * 1e3})
     return row
 
 
