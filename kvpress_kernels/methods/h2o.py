@@ -100,6 +100,10 @@ class H2O(CompressionMethod):
             inputs.query_rows(to_device([0], dev, torch.long), 0, 1)      # raises: H2O needs every query
 
         def score(idx, n, w):
+            if len(idx) == len(lengths) and n == N and inputs.lse is not None:
+                # the host's attention gave each query's LSE: one mass pass, exp(logit - lse), no LSE pass
+                return attention_mass(inputs.queries, inputs.keys, scale=inputs.scale, lse=inputs.lse,
+                                      causal=True, head_reduce=reduce, backend=info.backend)
             if len(idx) == len(lengths):
                 q, k = inputs.queries[:, :, :n], inputs.keys[:, :, :n]
             else:
