@@ -103,3 +103,41 @@ def test_padded_batch_scores_without_the_sdpa_lse(monkeypatch):
     got, stats = kk.generate(model, ids, kk.H2O(0.5), attention_mask=mask, max_new_tokens=3)
     assert spy.calls and all(lse is None for _, _, lse in spy.calls)
     assert stats["kv_tokens_after_prefill"] < stats["kv_tokens_full"]
+
+
+def _dense_mass64(q, k, lengths, scale, causal):
+    """fp64 softmax mass per query head ``[B, Hq, N]``: the last W tokens of each row are the queries."""
+    B, Hq, W, D = q.shape
+    Hkv, N = k.shape[1], k.shape[2]
+    kq = k.double().repeat_interleave(Hq // Hkv, 1)
+    logits = torch.einsum("bhwd,bhnd->bhwn", q.double(), kq) * scale
+    j = torch.arange(N).view(1, 1, 1, N)
+    L = lengths.view(B, 1, 1, 1)
+    vis = j < L
+    if causal:
+        vis = vis & (j <= L - W + torch.arange(W).view(1, 1, W, 1))
+    p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1).nan_to_num(0.0)
+    return p.sum(2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("W, lengths", [(1, [97, 97]), (7, [97, 97]), (97, [97, 97]), (1, [97, 61]),
+                                        (7, [97, 61]), (61, [97, 61])])
+def test_mass_given_lse_tiles_the_keys(monkeypatch, causal, W, lengths):
+    """With a given LSE the reference scores tiles of keys (here 32-key tiles, chunks of 3 queries):
+    the same mass as one pass over whole rows and as an fp64 softmax."""
+    import kvpress_kernels.ops.scoring as S
+    g = torch.Generator().manual_seed(W + len(set(lengths)))
+    B, Hq, Hkv, N, D = 2, 6, 2, 97, 16
+    q = torch.randn(B, Hq, W, D, generator=g)
+    k = torch.randn(B, Hkv, N, D, generator=g) * 1.5
+    lens = torch.tensor(lengths)
+    lse = S.attention_lse_ref(q, k, lengths=lens, causal=causal)
+    whole = S.attention_mass_ref(q, k, lengths=lens, lse=lse, causal=causal, head_reduce="none")
+    monkeypatch.setattr(S, "_REF_TILE_ELEMS", 1)
+    monkeypatch.setattr(S, "_REF_CHUNK_ELEMS", B * Hq * N * 3)
+    tiled = S.attention_mass_ref(q, k, lengths=lens, lse=lse, causal=causal, head_reduce="none")
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=1e-5)
+    want = _dense_mass64(q, k, lens, D ** -0.5, causal).float()
+    torch.testing.assert_close(tiled, want, atol=2e-5, rtol=1e-4)
+    assert (tiled[1, :, lengths[1]:] == 0).all()
