@@ -94,8 +94,10 @@ def _prompt(tok, n_tokens: int):
 
 
 def _method(name: str):
+    from kvpress_kernels import KNorm, TOVA
     from kvpress_kernels.evaluation.harness import build_method
-    return build_method(name, KEEP)
+    extra = {"tova": TOVA, "knorm": KNorm}          # not eval methods, so not in build_method
+    return extra[name](KEEP) if name in extra else build_method(name, KEEP)
 
 
 def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int, threads: int,
