@@ -89,7 +89,9 @@ class H2O(CompressionMethod):
 
         A ragged batch is one op call: the queries are the left-aligned prompt (``W = N``), which the
         op reads with per-row lengths (row ``b``'s query ``i`` is padding, and sees no key, for
-        ``i >= lengths[b]`` only when ``lengths[b] < N``, so those rows are scored per length group)."""
+        ``i >= lengths[b]`` only when ``lengths[b] < N``, so those rows are scored per length group).
+        When the host gives each query's LSE (``inputs.lse``: the transformers path on CPU takes it from
+        SDPA's flash kernel) the op uses it and makes one pass over the logits instead of two."""
         info = inputs.info
         lengths = [int(n) for n in info.prompt_lengths]
         N = inputs.keys.shape[2]
