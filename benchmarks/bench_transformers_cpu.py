@@ -11,7 +11,9 @@ Not part of ``kvpress-kernels bench`` (that suite times ops on synthetic caches)
 Every configuration runs in a fresh process (``--one``), so that peak memory is that configuration's
 own: the peak resident set size (``VmHWM``) during the measured call minus the resident size just
 before it (the model loaded, and up to 1k tokens one warm-up call done), reset with ``/proc/self/clear_refs`` first.
-Time is the best of ``--repeat`` calls (wall clock). Rows:
+Time is the best of ``--repeat`` calls, wall clock (``seconds``) and this process's CPU time
+(``cpu_seconds``, ``time.process_time``: with one torch thread it is the wall time of an idle machine
+and, unlike wall time, barely moves with other processes' load; compare rows by it). Rows:
 
 - ``prefill``: ``stock`` = the model's forward with transformers' SDPA attention and a DynamicCache (what
   ``generate`` does first); ``paged`` = the same prompt through ``kvpress_kernels.generate`` with no
@@ -19,8 +21,12 @@ Time is the best of ``--repeat`` calls (wall clock). Rows:
   token), with ``compress_s`` (scoring + selection + storing what is kept, summed over layers) and its
   share of the prefill; ``kvpress_observed_attention`` = kvpress's ``ObservedAttentionPress`` (the
   eager-attention H2O) on the same prompt.
+- ``pair`` (``--pairs``): the plain paged prefill and one method's, alternated in one process, best of
+  ``--repeat`` each, and their ratio (``ratio_cpu``, ``ratio_wall``): the method's cost over the plain
+  prefill under one and the same machine load.
 - ``decode``: per decode token, ``(t(new = 1 + D) - t(new = 1)) / D`` for stock ``generate`` and for the
-  paged path without a method, ``D = --decode-tokens``.
+  paged path without a method, ``D = --decode-tokens``; with ``--decode-pair`` both in one process,
+  alternated, with the paged/stock ratios of the prefill (``new = 1``) and of the decode token.
 
 The prompt is a many-shot lookup (``Q: What is the code of <word><i>?\\nA: <code>``), its shots given to
 ShotKV, truncated to the requested length on a shot boundary.
@@ -88,8 +94,10 @@ def _prompt(tok, n_tokens: int):
 
 
 def _method(name: str):
+    from kvpress_kernels import KNorm, TOVA
     from kvpress_kernels.evaluation.harness import build_method
-    return build_method(name, KEEP)
+    extra = {"tova": TOVA, "knorm": KNorm}          # not eval methods, so not in build_method
+    return extra[name](KEEP) if name in extra else build_method(name, KEEP)
 
 
 def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int, threads: int,
@@ -104,6 +112,7 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
     mask = torch.ones_like(ids)
     n = ids.shape[1]
     row = {"kind": kind, "config": name, "tokens": n, "threads": threads,
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "code": os.environ.get("BENCH_CODE_LABEL", "")}
 
     def paged(method, new):
@@ -142,34 +151,80 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
         with torch.no_grad():
             if n <= warmup_max:
                 call()                    # warm-up (at 4k tokens a call is long enough to need none)
-            best, best_st, peak = None, {}, 0
+            best, best_st, peak, best_cpu = None, {}, 0, float("inf")
             for _ in range(repeat):
                 base = _rss_kib("VmRSS")
                 reset = _reset_peak()
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 st = call()
                 dt = time.perf_counter() - t0
+                best_cpu = min(best_cpu, time.process_time() - c0)
                 peak = max(peak, (_rss_kib("VmHWM") - base) if reset else -1)
                 if best is None or dt < best:
                     best, best_st = dt, st
-        row.update({"seconds": best, "peak_extra_mib": peak / 1024})
+        row.update({"seconds": best, "cpu_seconds": best_cpu, "peak_extra_mib": peak / 1024})
         if best_st:
             row.update({"prefill_s": best_st.get("prefill_s"), "compress_s": best_st.get("compress_s"),
                         "compress_share": (best_st.get("compress_s") or 0.0) / best_st["prefill_s"]
                         if best_st.get("prefill_s") else None,
                         "kv_kept": (best_st.get("kv_tokens_after_prefill") or 0) /
                         max(1, best_st.get("kv_tokens_full") or 1)})
+    elif kind == "pair":
+        # the plain paged prefill and the method's, alternated in one process: their ratio sees one load
+        calls = {"paged": lambda: paged(None, 1)[1], name: lambda: paged(_method(name), 1)[1]}
+        best = {k: [float("inf"), float("inf")] for k in calls}
+        with torch.no_grad():
+            for k in calls:
+                calls[k]()                             # warm-up
+            for _ in range(repeat):
+                for k, fn in calls.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    st = fn()
+                    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+                    if dc < best[k][1]:
+                        row[f"{k}_compress_s"] = st.get("compress_s")
+                    best[k] = [min(best[k][0], dt), min(best[k][1], dc)]
+        row.update({"paged_seconds": best["paged"][0], "paged_cpu_seconds": best["paged"][1],
+                    "method_seconds": best[name][0], "method_cpu_seconds": best[name][1],
+                    "ratio_cpu": best[name][1] / best["paged"][1], "ratio_wall": best[name][0] / best["paged"][0]})
+    elif kind == "decode_pair":
+        # stock generate and the paged path without a method, alternated in one process
+        fns = {"stock": stock_generate, "paged": lambda new: paged(None, new)}
+        best = {(k, new): [float("inf"), float("inf")] for k in fns for new in (1, 1 + decode_tokens)}
+        with torch.no_grad():
+            for fn in fns.values():
+                fn(1)                                  # warm-up
+            for _ in range(repeat):
+                for (k, new), b in best.items():
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fns[k](new)
+                    b[0], b[1] = min(b[0], time.perf_counter() - t0), min(b[1], time.process_time() - c0)
+        D = decode_tokens
+        for k in fns:
+            (w1, c1), (w2, c2) = best[(k, 1)], best[(k, 1 + D)]
+            row.update({f"{k}_seconds_new1": w1, f"{k}_cpu_seconds_new1": c1, f"{k}_seconds_new": w2,
+                        f"{k}_cpu_seconds_new": c2, f"{k}_ms_per_decode_token": (w2 - w1) / D * 1e3,
+                        f"{k}_cpu_ms_per_decode_token": (c2 - c1) / D * 1e3})
+        row.update({"decode_tokens": D,
+                    "prefill_ratio_cpu": row["paged_cpu_seconds_new1"] / row["stock_cpu_seconds_new1"],
+                    "decode_ratio_cpu": row["paged_cpu_ms_per_decode_token"] / row["stock_cpu_ms_per_decode_token"],
+                    "prefill_ratio_wall": row["paged_seconds_new1"] / row["stock_seconds_new1"],
+                    "decode_ratio_wall": row["paged_ms_per_decode_token"] / row["stock_ms_per_decode_token"]})
     else:
         fn = stock_generate if name == "stock" else (lambda new: paged(None, new))
         with torch.no_grad():
             if warmup_max:
                 fn(1)
-            t1 = t2 = float("inf")
+            t1 = t2 = c1 = c2 = float("inf")
             for _ in range(repeat):                   # interleaved, best of each
-                t0 = time.perf_counter(); fn(1); t1 = min(t1, time.perf_counter() - t0)
-                t0 = time.perf_counter(); fn(1 + decode_tokens); t2 = min(t2, time.perf_counter() - t0)
+                c0, t0 = time.process_time(), time.perf_counter(); fn(1)
+                t1, c1 = min(t1, time.perf_counter() - t0), min(c1, time.process_time() - c0)
+                c0, t0 = time.process_time(), time.perf_counter(); fn(1 + decode_tokens)
+                t2, c2 = min(t2, time.perf_counter() - t0), min(c2, time.process_time() - c0)
         row.update({"seconds_new1": t1, "seconds_new": t2, "decode_tokens": decode_tokens,
-                    "ms_per_decode_token": (t2 - t1) / decode_tokens * 1e3})
+                    "ms_per_decode_token": (t2 - t1) / decode_tokens * 1e3,
+                    "cpu_seconds_new1": c1, "cpu_seconds_new": c2,
+                    "cpu_ms_per_decode_token": (c2 - c1) / decode_tokens * 1e3})
     return row
 
 
@@ -184,6 +239,12 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-kvpress", action="store_true")
+    ap.add_argument("--pairs", nargs="*", default=[], metavar="METHOD",
+                    help="also, per length, one process per method alternating the plain paged prefill and the "
+                         "method's (best of --repeat each): their time ratio under one load")
+    ap.add_argument("--decode-pair", action="store_true",
+                    help="the decode rows as one process alternating stock generate and the paged path")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the one-configuration-per-process prefill rows")
     ap.add_argument("--no-decode", action="store_true")
     ap.add_argument("--warmup-max", type=int, default=1024,
                     help="one untimed warm-up call up to this many tokens (0: none)")
@@ -202,9 +263,12 @@ def main(argv=None) -> int:
         names = ["stock", "paged"] + (a.methods if n <= 1024 else a.methods_long)
         if not a.no_kvpress:
             names.append("kvpress_observed_attention")
-        jobs += [("prefill", name, n) for name in names]
+        if not a.no_prefill:
+            jobs += [("prefill", name, n) for name in names]
+        jobs += [("pair", name, n) for name in a.pairs]
     if not a.no_decode:
-        jobs += [("decode", "stock", a.decode_prompt), ("decode", "paged", a.decode_prompt)]
+        jobs += ([("decode_pair", "stock_vs_paged", a.decode_prompt)] if a.decode_pair else
+                 [("decode", "stock", a.decode_prompt), ("decode", "paged", a.decode_prompt)])
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     codes = [c.split("=", 1) for c in a.codes] if a.codes else [[os.environ.get("BENCH_CODE_LABEL", ""), None]]

@@ -481,7 +481,8 @@ class PagedCache(MaxLengthCompat, Cache):
         live = torch.arange(n_max, device=x.device).view(1, n_max) < self._lengths_dev.view(B, 1)
         return torch.where(live.view(B, 1, n_max, 1), out, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    def _prefill(self, layer: int, query, key, value, attention_mask, scale: float) -> None:
+    def _prefill(self, layer: int, query, key, value, attention_mask, scale: float,
+                 lse: Optional[torch.Tensor] = None) -> None:
         """Score first, then store only what the method keeps: one append of the kept tokens (gathered
         from the layer's dense K/V) instead of appending the whole prompt and compacting it."""
         if layer == 0:
@@ -497,7 +498,8 @@ class PagedCache(MaxLengthCompat, Cache):
         if self.method is not None:
             span = _Span(key.device)
             inputs = PrefillInputs(layer=layer, queries=self._pack(query), keys=k_p, values=v_p,
-                                   lengths=self._lengths_dev, scale=float(scale), info=self.info)
+                                   lengths=self._lengths_dev, scale=float(scale), info=self.info,
+                                   lse=lse if self._pack_idx is None else None)
             ev = self.method.prefill(inputs)
             if ev is not None:
                 kv.append_kept(layer, k_p, v_p, ev.kept_idx, new_lengths=ev.new_lengths, seen=self._prompt_lengths)
@@ -613,6 +615,35 @@ def _valid_keys(mask: Optional[torch.Tensor], B: int, N: int, dev) -> torch.Tens
 # The attention function
 # ------------------------------------------------------------------------------------------------
 
+def _sdpa_with_lse(module, query, key, value, attention_mask, dropout, scaling, is_causal):
+    """``(out [B, N, Hq, D], lse [B, Hq, N])`` from the very kernel ``sdpa_attention_forward`` would run, or
+    ``(None, None)`` when that is not sure.
+
+    On CPU, torch's SDPA runs its flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``),
+    which computes each query's log-sum-exp and returns it; ``F.scaled_dot_product_attention`` drops it.
+    Calling that kernel directly when SDPA's own dispatch (``torch._fused_sdp_choice``) picks it gives
+    the same output bit for bit and the LSE for free, so H2O's all-queries scoring needs one pass over
+    the logits instead of two. Only the case transformers passes no mask in (no padding, causal, GQA
+    native, no dropout)."""
+    if (attention_mask is not None or dropout or query.device.type != "cpu" or query.shape[2] <= 1
+            or not hasattr(module, "num_key_value_groups") or torch.jit.is_tracing()
+            or torch.compiler.is_compiling() or query.requires_grad):
+        return None, None
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        return None, None
+    try:
+        choice = torch._fused_sdp_choice(query, key, value, None, 0.0, True, scale=scaling, enable_gqa=True)
+        flash = torch.nn.attention.SDPBackend.FLASH_ATTENTION
+        if choice != int(flash):
+            return None, None
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
+                                                                               scale=scaling)
+    except (AttributeError, RuntimeError, TypeError):      # another torch: the plain path
+        return None, None
+    return out.transpose(1, 2).contiguous(), lse
+
+
 def paged_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
@@ -639,9 +670,13 @@ def paged_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
         raise RuntimeError(f"PagedCache: attention of layer {module.layer_idx} ran after the update of layer {layer}")
     scale = scaling if scaling is not None else module.head_dim ** -0.5
     if phase == "prefill":
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                        is_causal=is_causal, **kwargs)
-        cache._prefill(layer, query, key, value, attention_mask, scale)
+        lse = None
+        if cache.method is not None:
+            out, lse = _sdpa_with_lse(module, query, key, value, attention_mask, dropout, scaling, is_causal)
+        if lse is None:
+            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                            scaling=scaling, is_causal=is_causal, **kwargs)
+        cache._prefill(layer, query, key, value, attention_mask, scale, lse=lse)
         return out, None
     out = cache._decode(layer, query, scale)
     return out.transpose(1, 2).contiguous(), None

@@ -107,6 +107,10 @@ class PrefillInputs:
     #: ``queries[:, :, i]`` is prompt token ``query_offset + i``: a host that keeps only the last prompt
     #: queries (a serving engine saves the observation window) passes them with ``N - W`` here.
     query_offset: int = 0
+    #: ``[B, Hq, N]`` fp32 or None: log-sum-exp of each query's causal attention logits (``scale`` applied),
+    #: when the host's attention produced it for free (the transformers path on CPU, no padding). A method
+    #: that scores with every query (H2O) passes it to the scoring op, which then skips its own LSE pass.
+    lse: Optional[torch.Tensor] = None
 
     def query_rows(self, sel: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Queries of prompt tokens ``[start, end)`` of the sequences ``sel``: ``[len(sel), Hq, end - start, D]``,

@@ -101,7 +101,9 @@ class H2O(CompressionMethod):
 
         A ragged batch is one op call: the queries are the left-aligned prompt (``W = N``), which the
         op reads with per-row lengths (row ``b``'s query ``i`` is padding, and sees no key, for
-        ``i >= lengths[b]`` only when ``lengths[b] < N``, so those rows are scored per length group)."""
+        ``i >= lengths[b]`` only when ``lengths[b] < N``, so those rows are scored per length group).
+        When the host gives each query's LSE (``inputs.lse``: the transformers path on CPU takes it from
+        SDPA's flash kernel) the op uses it and makes one pass over the logits instead of two."""
         info = inputs.info
         lengths = [int(n) for n in info.prompt_lengths]
         N = inputs.keys.shape[2]
@@ -112,6 +114,10 @@ class H2O(CompressionMethod):
             inputs.query_rows(to_device([0], dev, torch.long), 0, 1)      # raises: H2O needs every query
 
         def score(idx, n, w):
+            if len(idx) == len(lengths) and n == N and inputs.lse is not None:
+                # the host's attention gave each query's LSE: one mass pass, exp(logit - lse), no LSE pass
+                return attention_mass(inputs.queries, inputs.keys, scale=inputs.scale, lse=inputs.lse,
+                                      causal=True, head_reduce=reduce, backend=info.backend)
             if len(idx) == len(lengths):
                 q, k = inputs.queries[:, :, :n], inputs.keys[:, :, :n]
             else:
