@@ -100,6 +100,8 @@ def build_method(name: str, keep_ratio: float):
         "chunkkv": lambda r: M.ChunkKV(keep_ratio=r),
         "streamingllm": lambda r: M.StreamingLLM(keep_ratio=r),
         "h2o": lambda r: M.H2O(keep_ratio=r),
+        "tova": lambda r: M.TOVA(keep_ratio=r),
+        "knorm": lambda r: M.KNorm(keep_ratio=r),
     }
     if name not in builders:
         raise ValueError(f"method must be one of {sorted(builders)}, got {name!r}")
@@ -342,7 +344,7 @@ def summarize(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
                     "accuracy": acc, "accuracy_se": acc_se, "agreement": agr, "agreement_se": agr_se,
                     "kl": kl, "kl_se": kl_se, "delta_vs_full": d, "delta_vs_full_se": d_se, "kv_kept": kept})
     order = {m: i for i, m in enumerate(["full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
-                                         "streamingllm", "h2o"])}
+                                         "streamingllm", "h2o", "adakv", "tova", "knorm"])}
     out.sort(key=lambda r: (r["task"], r["setting"], r["keep_ratio"] if r["method"] != "full" else -1,
                             order.get(r["method"], 99)))
     return out
