@@ -10,9 +10,12 @@ when the sweep is stopped is usable, and a restarted worker skips the items alre
 Examples are generated with the task's full ``n`` (the depth balance of
 :func:`~kvpress_kernels.evaluation.tasks.generate_task` depends on it) and run in a spread order (a
 van der Corput sequence over the indices), so a stopped sweep's examples still cover all depths.
-Items are run by priority tiers: the discriminating tasks' first ``--core-n`` examples and the
-controls' first ``--control-core-n`` first, then the rest of the discriminating tasks, then the rest of
-the controls.
+Items are run by priority tiers (:func:`work_items`), the reverse of the order a sweep too long for its
+time is cut in: the discriminating tasks' (lookup, passkey) first ``--core-n`` examples and the
+controls' first ``--control-core-n`` at keep 0.1 / 0.3; then the rest of the discriminating examples;
+then keep 0.5 on the controls' core; then the rest of the controls. Several workers share one output
+folder: each claims the next free item (a claim file holding its pid; a dead worker's claim is taken
+over), so a restart resumes where the sweep stopped.
 
 Usage::
 
@@ -45,6 +48,9 @@ RATIOS = [0.1, 0.3, 0.5]
 SETTINGS = ["query_aware", "query_agnostic"]
 DISCRIMINATING = ["lookup", "passkey"]
 CONTROLS = ["arithmetic", "pattern", "multi_answer"]
+#: Record fields kept in the committed merged JSON (the answers themselves stay in the JSONL files).
+KEEP_FIELDS = ("task", "setting", "example", "method", "keep_ratio", "score", "agree", "kl", "kv_kept",
+               "kv_kept_final", "kv_bytes_after_prefill", "depth", "answer_shot", "prompt_tokens", "seconds")
 
 
 def spread_order(n: int) -> List[int]:
@@ -71,7 +77,8 @@ def spread_order(n: int) -> List[int]:
 
 def work_items(n_disc: int, n_ctrl: int, core_disc: int, core_ctrl: int, tasks: Sequence[str],
                settings: Sequence[str], ratios: Sequence[float],
-               late_ratios: Sequence[float] = (0.5,)) -> List[Tuple[str, str, int, Tuple[float, ...]]]:
+               late_ratios: Sequence[float] = (0.5,), control_pace: float = 1.0,
+               ) -> List[Tuple[str, str, int, Tuple[float, ...]]]:
     """(task, setting, example, keep ratios) in priority order, the reverse of the order to cut in:
 
     0. the discriminating tasks' first ``core_disc`` examples (every ratio) and the controls' first
@@ -79,6 +86,11 @@ def work_items(n_disc: int, n_ctrl: int, core_disc: int, core_ctrl: int, tasks: 
     1. the rest of the discriminating tasks' examples;
     2. ``late_ratios`` on the controls' first ``core_ctrl`` examples;
     3. the rest of the controls' examples (every ratio).
+
+    Within a tier, examples are interleaved by rank in their spread order; in tier 0 a control's
+    ``r``-th example comes with the discriminating tasks' ``control_pace * r + (control_pace - 1) / 2``-th
+    (pace 3: one control example per three discriminating ones, so a sweep stopped early has ~3x more
+    examples of the tasks that tell methods apart).
     """
     early = tuple(r for r in ratios if r not in late_ratios)
     late = tuple(r for r in ratios if r in late_ratios)
@@ -92,7 +104,7 @@ def work_items(n_disc: int, n_ctrl: int, core_disc: int, core_ctrl: int, tasks: 
                     tiers[0 if rank < core else 1].append((rank, task, setting, e, tuple(ratios)))
                 elif rank < core:
                     if early:
-                        tiers[0].append((rank, task, setting, e, early))
+                        tiers[0].append((control_pace * rank + (control_pace - 1) / 2, task, setting, e, early))
                     if late:
                         tiers[2].append((rank, task, setting, e, late))
                 else:
@@ -173,7 +185,7 @@ def cmd_work(args) -> int:
     for m in args.methods:
         harness.build_method(m, 0.5)                       # fail fast on an unknown name
     items = work_items(args.n, args.control_n, args.core_n, args.control_core_n, args.tasks, SETTINGS,
-                       args.keep_ratios)
+                       args.keep_ratios, control_pace=args.control_pace)
 
     def done_set():
         return {(r["task"], r["setting"], r["example"], r["method"], r["keep_ratio"]) for r in read_records(out_dir)}
@@ -324,7 +336,8 @@ def cmd_merge(args) -> int:
     merged = {"methods": args.methods, "keep_ratios": args.keep_ratios, "settings": SETTINGS, "seed": args.seed,
               "items": n_items, "runs": len(recs), "item_seconds_sum": round(sum(item_s), 1),
               "n_per_task_setting": counts, "summary": summary, "pairs": [p for p in pairs if p["task"] == "all"],
-              "records": [{k: v for k, v in r.items() if k not in ("gold",)} for r in recs]}
+              "records": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
+                           if k in KEEP_FIELDS} for r in recs]}
 
     def clean(x):
         if isinstance(x, float) and math.isnan(x):
@@ -380,6 +393,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     w.add_argument("--control-n", type=int, default=10, help="examples of each control task")
     w.add_argument("--core-n", type=int, default=24, help="discriminating examples in the first priority tier")
     w.add_argument("--control-core-n", type=int, default=6, help="control examples in the first priority tier")
+    w.add_argument("--control-pace", type=float, default=3.0,
+                   help="discriminating examples per control example in the first tier (default 3)")
     m = sub.choices["merge"]
     m.add_argument("--doc", default="docs/results/eval_full_table.md")
     m.add_argument("--insert", action="store_true", help="replace the table between the doc's table markers")

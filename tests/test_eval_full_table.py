@@ -25,9 +25,10 @@ def test_spread_order_is_a_spread_permutation(n):
         assert min(half) < n / 4 and max(half) >= n / 2
 
 
-def test_work_items_cover_every_run_once_in_priority_order():
+@pytest.mark.parametrize("pace", [1.0, 3.0])
+def test_work_items_cover_every_run_once_in_priority_order(pace):
     tasks = ft.DISCRIMINATING + ft.CONTROLS
-    items = ft.work_items(30, 10, 24, 6, tasks, ft.SETTINGS, ft.RATIOS)
+    items = ft.work_items(30, 10, 24, 6, tasks, ft.SETTINGS, ft.RATIOS, control_pace=pace)
     runs = [(t, s, e, r) for t, s, e, rs in items for r in rs]
     want = {(t, s, e, r) for t in tasks for s in ft.SETTINGS
             for e in range(30 if t in ft.DISCRIMINATING else 10) for r in ft.RATIOS}
@@ -44,6 +45,13 @@ def test_work_items_cover_every_run_once_in_priority_order():
             tier.append(3 if e not in core[t] else (2 if rs == (0.5,) else 0))
     assert tier == sorted(tier)
     assert all(rs == (0.1, 0.3) for (t, s, e, rs), k in zip(items, tier) if k == 0 and t in ft.CONTROLS)
+    # pace: when the controls' r-th example comes, the discriminating tasks have about pace * r + 1 examples
+    disc_order = ft.spread_order(30)
+    for r in range(6):
+        e = ft.spread_order(10)[r]
+        first = next(i for i, (t, s, x, rs) in enumerate(items) if t == "arithmetic" and x == e and 0.1 in rs)
+        seen = {x for t, s, x, rs in items[:first] if t == "lookup"}
+        assert len(seen) == int(pace * r + (pace - 1) / 2) + 1 and seen == set(disc_order[:len(seen)])
 
 
 def _rec(task, setting, e, method, r, score=1.0):
