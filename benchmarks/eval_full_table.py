@@ -272,10 +272,12 @@ def plot(summary, tasks, methods, ratios, settings, path: Path, title: str) -> O
                 ax.axhline(full[0]["accuracy"], color="k", ls="--", lw=1, label="full cache")
             for c, m in enumerate(methods):
                 pts = sorted((r["keep_ratio"], r["accuracy"], r["accuracy_se"]) for r in rs if r["method"] == m)
+                dx = 0.01 * (c - (len(methods) - 1) / 2)          # a small offset per method: ties stay visible
                 if pts:
-                    ax.errorbar([x for x, _, _ in pts], [y for _, y, _ in pts],
-                                yerr=[0 if e is None or math.isnan(e) else e for _, _, e in pts], marker="o", ms=3,
-                                capsize=2, lw=1, color=cmap(c % 10), label=m)
+                    ax.errorbar([x + dx for x, _, _ in pts], [y for _, y, _ in pts],
+                                yerr=[0 if e is None or math.isnan(e) else e for _, _, e in pts],
+                                marker="os^vDP*Xhp"[c % 10], ms=3.5, capsize=1.5, lw=1, elinewidth=0.6,
+                                ls="-" if c < 5 else "--", color=cmap(c % 10), label=m)
             n = sorted({r["n"] for r in rs})
             ax.set_title(f"{task} / {setting.replace('query_', 'q-')} (n={','.join(map(str, n))})", fontsize=9)
             ax.set_ylim(-0.05, 1.05)
