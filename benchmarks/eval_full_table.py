@@ -363,6 +363,14 @@ def cmd_merge(args) -> int:
         ptab.append(f"| {p['b']} | {p['keep_ratio']:g} | {p['n']} | {harness._f(p['mean_diff'], 3)} ± "
                     f"{harness._f(p['se'], 3)} | {p['wins']} | {p['losses']} | {harness._f(p['kv_kept_a'])} | "
                     f"{harness._f(p['kv_kept_b'])} |")
+    ntab = ["| task | setting | " + " | ".join(f"n at keep {k:g}" for k in args.keep_ratios) + " |",
+            "|---|---|" + "---|" * len(args.keep_ratios)]
+    for t in tasks:
+        for s in SETTINGS:
+            ns = [len({r["example"] for r in recs if r["task"] == t and r["setting"] == s and r["keep_ratio"] == k})
+                  for k in args.keep_ratios]
+            ntab.append(f"| {t} | {s} | " + " | ".join(map(str, ns)) + " |")
+    (out_dir / "generated_sizes.md").write_text("\n".join(ntab) + "\n")
     generated = out_dir / "generated_table.md"
     generated.write_text(table + "\n\nPaired, pooled over tasks and settings (same examples):\n\n" + "\n".join(ptab)
                          + "\n\nn per (task, setting): " + json.dumps(counts) + "\n")
@@ -374,8 +382,14 @@ def cmd_merge(args) -> int:
         if a in text and b in text:
             head, rest = text.split(a, 1)
             _, tail = rest.split(b, 1)
-            doc.write_text(head + a + "\n" + generated.read_text() + b + tail)
-            print(f"table inserted into {doc}")
+            text = head + a + "\n" + generated.read_text() + b + tail
+        a, b = "<!-- sizes:begin -->", "<!-- sizes:end -->"
+        if a in text and b in text:
+            head, rest = text.split(a, 1)
+            _, tail = rest.split(b, 1)
+            text = head + a + "\n" + "\n".join(ntab) + "\n" + b + tail
+        doc.write_text(text)
+        print(f"tables inserted into {doc}")
     return 0
 
 
