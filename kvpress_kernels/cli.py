@@ -25,7 +25,7 @@ PROG = "kvpress-kernels"
 
 #: Methods the ``eval`` and ``demo`` commands know (built by :func:`kvpress_kernels.evaluation.methods.build_method`).
 METHOD_NAMES = ("full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv", "streamingllm", "h2o",
-                "adakv", "kvzip", "kvzip_shotkv")
+                "adakv", "tova", "knorm", "kvzip", "kvzip_shotkv")
 #: Benchmark scripts, in the order they run (``benchmarks/bench_<name>.py``).
 BENCH_NAMES = ("end_to_end", "scoring", "selection", "segments", "compaction", "block_compaction", "append",
                "decode_attention", "adakv")

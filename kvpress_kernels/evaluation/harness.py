@@ -426,7 +426,7 @@ def summarize(records: List[Dict[str, object]]) -> List[Dict[str, object]]:
                     "accuracy": acc, "accuracy_se": acc_se, "agreement": agr, "agreement_se": agr_se,
                     "kl": kl, "kl_se": kl_se, "delta_vs_full": d, "delta_vs_full_se": d_se, "kv_kept": kept})
     order = {m: i for i, m in enumerate(["full", "shotkv", "shotkv_decode", "snapkv", "pyramidkv", "chunkkv",
-                                         "streamingllm", "h2o"])}
+                                         "streamingllm", "h2o", "adakv", "tova", "knorm", "kvzip", "kvzip_shotkv"])}
     out.sort(key=lambda r: (r["task"], r["setting"], r["keep_ratio"] if r["method"] != "full" else -1,
                             order.get(r["method"], 99)))
     return out
