@@ -111,8 +111,19 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     # entries past a row's used pages may be anything (-1, stale ids): clamp them to a valid page, the
     # slots they give are masked below
     pages = page_table[:, :, :n_pages].reshape(-1).long().clamp_(0, num_pages - 1)
-    k = k_pages.index_select(0, pages).view(B, Hkv, S, D).float()
-    v = v_pages.index_select(0, pages).view(B, Hkv, S, D).float()
+    k = k_pages.index_select(0, pages).view(B, Hkv, S, D)
+    v = v_pages.index_select(0, pages).view(B, Hkv, S, D)
+    if on_host and not return_probs and T == 1:
+        # The decode step of the CPU path (one query per row) with every row holding the same L > 0 tokens
+        # (no eviction, or a uniform one): the first L slots are exactly the live keys, so the attention is
+        # one fused SDPA call over that view, the query heads of a kv head as its rows (no mask, no copy of
+        # K/V beyond the page gather, no repeat of the kv heads).
+        L = int(lens.max())
+        if L > 0 and int(lens.min()) == L:
+            qf = q.float().reshape(B, Hkv, G * T, D)
+            out = F.scaled_dot_product_attention(qf, k[:, :, :L].float(), v[:, :, :L].float(), scale=scale)
+            return out.reshape(B, Hq, T, D).to(q.dtype), None
+    k, v = k.float(), v.float()
     j = torch.arange(S, device=dev)
     live = j < lens.unsqueeze(-1)                                              # [B, Hkv, S]
     # Zero the dead slots of K and V: they may hold anything (inf/NaN from a freed page) and
