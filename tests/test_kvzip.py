@@ -124,6 +124,53 @@ def test_scores_device_path(model, monkeypatch, backend):
     assert (cache.kv.seq_lengths() == 40).all()
 
 
+@pytest.mark.parametrize("n, T", [(37, 11), (7, 16), (1, 3)])
+def test_cpu_reconstruction_attention_is_the_split_softmax(n, T):
+    # the CPU path's attention (two flash calls joined by LSE) and scores (the op's max pass, query blocks of
+    # at most n) against a dense float64 softmax over [context, chunk] with the chunk causal, GQA 3:1
+    import kvpress_kernels.methods.kvzip as KZ
+    g = torch.Generator().manual_seed(3)
+    B, Hkv, G, D = 2, 2, 3, 16
+    q = torch.randn(B, Hkv * G, T, D, generator=g)
+    k = torch.randn(B, Hkv, n + T, D, generator=g)
+    v = torch.randn(B, Hkv, n + T, D, generator=g)
+    logits = torch.einsum("bhtd,bhnd->bhtn", q.double(), k.repeat_interleave(G, 1).double()) * 0.3
+    hidden = torch.arange(n + T).view(1, -1) > (n + torch.arange(T)).view(-1, 1)
+    p = logits.masked_fill(hidden, float("-inf")).softmax(-1)
+    want_out = torch.einsum("bhtn,bhnd->bhtd", p, v.repeat_interleave(G, 1).double())
+    want_score = p[..., :n].amax(dim=2).view(B, Hkv, G, n).amax(dim=2)
+    out, score = KZ._reconstruction_attention_cpu(q, k, v, n, 0.3)
+    torch.testing.assert_close(out.double(), want_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score.double(), want_score, rtol=1e-5, atol=1e-7)
+    assert out.dtype == q.dtype and score.dtype == torch.float32 and score.shape == (B, Hkv, n)
+
+
+def test_reduced_precision_reconstruction(model):
+    # recon_dtype=bf16: the linear layers of the reconstruction under autocast, the cache and the scores' keys
+    # in fp32; the scores stay close to the exact ones, the cache is left as it was, the selection is KVzip's
+    ctx = context(60, batch=2)
+    exact = KVzip(0.3, tokenizer=TOK)
+    cache = prefilled(model, exact, ctx)
+    with kk.compress(model, exact):
+        want = exact.reconstruction_scores(model, cache, ctx)
+    m = KVzip(0.3, tokenizer=TOK, recon_dtype="bfloat16")
+    assert m.recon_dtype is torch.bfloat16 and "recon_dtype='bfloat16'" in repr(m)
+    before = [cache.kv.gather(layer) for layer in range(2)]
+    with kk.compress(model, m):
+        got = m.reconstruction_scores(model, cache, ctx)
+    assert got.dtype == torch.float32 and cache.kv.dtype == torch.float32
+    assert not torch.equal(got, want)                                     # the pass really ran in bf16
+    # bf16 activations (8 mantissa bits): per-score error of a few percent of the score scale
+    torch.testing.assert_close(got, want, rtol=0.1, atol=0.02 * float(want.max()))
+    for layer in range(2):
+        for a, b in zip(before[layer], cache.kv.gather(layer)):
+            assert torch.equal(a, b)
+    with kk.compress(model, m) as session:
+        c2 = session.prefill(ctx, tokenizer=TOK)
+    assert int(c2.kv.seq_lengths().sum()) == 2 * math.ceil(0.3 * 60 * 2 * 2)
+    c2.kv.check_invariants()
+
+
 # ------------------------------------------------------------------ the global selection
 def test_global_budget_across_layers_and_heads(model):
     n, keep = 60, 0.3
@@ -269,6 +316,10 @@ def test_bad_input(model):
         KVzip(0.3, select="layer")
     with pytest.raises(ValueError, match="head_floor"):
         KVzip(0.3, head_floor=2)
+    with pytest.raises(TypeError, match="recon_dtype"):
+        KVzip(0.3, recon_dtype="int8")
+    with pytest.raises(TypeError, match="recon_dtype"):
+        KVzip(0.3, recon_dtype=torch.int32)
     m = KVzip(0.3)
     cache = prefilled(model, m, ctx)
     with kk.compress(model, m):

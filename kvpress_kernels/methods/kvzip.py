@@ -115,9 +115,10 @@ def reconstruction_chunks(context_ids: torch.Tensor, prompts: Dict[str, List[int
     return out
 
 
-#: CPU: the reconstruction attention and its LSE from one fused CPU attention call, then the op's max pass
-#: over the context keys. Elsewhere (and with this off, which the tests use to run the device path on CPU):
-#: the paged decode attention, then the paged scoring op with its own LSE pass.
+#: CPU: the reconstruction attention as two unmasked flash calls joined by their LSEs, then the scoring op's
+#: max pass given that LSE (:func:`_reconstruction_attention_cpu`). Elsewhere (and with this off, which the
+#: tests use to run the device path on CPU): the paged decode attention, then the paged scoring op with its
+#: own LSE pass.
 _CPU_FUSED = True
 
 
@@ -137,25 +138,48 @@ def _dense_rows(kv, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """Causal attention of the last ``T`` positions (``q [B, Hq, T, D]``) over ``k, v [B, Hkv, N, D]``, and its
-    natural-log LSE ``[B, Hq, T]``: torch's tiled CPU flash attention (no ``[T, N]`` matrix per head kept),
-    else an explicit softmax."""
+def _reconstruction_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int,
+                                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One reconstruction layer on CPU: the causal attention output of the ``T`` chunk queries
+    ``q [B, Hq, T, D]`` over ``k, v [B, Hkv, n + T, D]`` (``n`` context keys every query sees, then the
+    chunk's own keys, causal), and each context key's KVzip score ``[B, Hkv, n]`` fp32: the max over the
+    queries and the query heads of its kv head of its probability in that whole softmax.
+
+    The attention is split where the mask is, so that torch's CPU flash kernel runs twice without a mask
+    tensor: over the context keys (non-causal; the query heads of a kv head as its rows, no repeat of K/V)
+    and over the chunk's own keys (causal, top-left aligned: its block skipping), joined through their
+    log-sum-exps. The scores are then the scoring op's max pass over the context keys alone, given the joint
+    LSE (probabilities of the whole causal softmax; the op's ``W <= keys`` rule: query blocks of at most
+    ``n``)."""
     B, Hq, T, D = q.shape
-    G = Hq // k.shape[1]
-    N = k.shape[2]
-    kr, vr = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    j = torch.arange(N, device=q.device)
-    hidden = j.view(1, N) > (N - T + torch.arange(T, device=q.device)).view(T, 1)
-    mask = torch.zeros(T, N, dtype=q.dtype, device=q.device).masked_fill_(hidden, float("-inf"))
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    kc, vc, ks, vs = k[:, :, :n], v[:, :, :n], k[:, :, n:], v[:, :, n:]
+    qg = q.reshape(B, Hkv, G * T, D)                               # row g * T + t of kv head h
     try:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kr, vr, 0.0, False, attn_mask=mask,
-                                                                               scale=scale)[:2]
-        return out, lse
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_c, lse_c = flash(qg, kc, vc, 0.0, False, scale=scale)[:2]
+        out_s, lse_s = flash(q, ks.repeat_interleave(G, 1), vs.repeat_interleave(G, 1), 0.0, True, scale=scale)[:2]
     except Exception:  # pragma: no cover - an older torch without the op
-        logits = torch.matmul(q.float() * scale, kr.float().transpose(-1, -2)) + mask
-        lse = torch.logsumexp(logits, dim=-1)
-        return torch.matmul((logits - lse.unsqueeze(-1)).exp(), vr.float()).to(q.dtype), lse
+        def _attn(qq, kk, vv, causal):
+            logits = torch.matmul(qq.float() * scale, kk.float().transpose(-1, -2))
+            if causal:
+                logits.masked_fill_(torch.ones(logits.shape[-2:], dtype=torch.bool).triu_(1), float("-inf"))
+            lse = torch.logsumexp(logits, dim=-1)
+            return torch.matmul((logits - lse.unsqueeze(-1)).exp_(), vv.float()).to(qq.dtype), lse
+        out_c, lse_c = _attn(qg, kc, vc, False)
+        out_s, lse_s = _attn(q, ks.repeat_interleave(G, 1), vs.repeat_interleave(G, 1), True)
+    lse_s, out_s = lse_s.reshape(B, Hkv, G * T), out_s.reshape(B, Hkv, G * T, D)
+    lse = torch.logaddexp(lse_c, lse_s)
+    out = out_c * (lse_c - lse).exp_().unsqueeze(-1).to(out_c.dtype) \
+        + out_s * (lse_s - lse).exp_().unsqueeze(-1).to(out_s.dtype)
+    lse = lse.reshape(B, Hq, T)
+    score = None
+    for w0 in range(0, T, max(1, n)):
+        part = attention_mass(q[:, :, w0:w0 + n], kc, scale=scale, lse=lse[:, :, w0:w0 + n], causal=False,
+                              head_reduce="group_max", query_reduce="max", backend="reference")
+        score = part if score is None else torch.maximum(score, part)
+    return out.reshape(B, Hq, T, D).to(q.dtype), score
 
 
 class _LayerScores:
@@ -209,6 +233,12 @@ class KVzip(CompressionMethod):
         ``"shots"``: ShotKV's decoding phase budget (1 = none).
     select_chunk_size : int
         ``"chunks"``: ChunkKV's chunk length.
+    recon_dtype : torch.dtype or its name, optional
+        Run the reconstruction pass's linear layers under ``torch.autocast`` in this dtype (``torch.bfloat16``:
+        the reconstruction queries are approximate, the context keys, the attention and the scores stay in
+        the cache's dtype). ``None`` (default): the model's own dtype, the exact KVzip scores. For fp32
+        models on CPUs with bf16 matrix units (AVX512-BF16 / AMX), where it makes the pass several times
+        cheaper (``benchmarks/bench_kvzip.py``); a bf16 model on a GPU gains nothing from it.
     tokenizer : transformers tokenizer, optional
         Builds the reconstruction prompts once (only their token ids are kept); else pass one to
         :meth:`compress_prefilled`.
@@ -216,7 +246,7 @@ class KVzip(CompressionMethod):
 
     def __init__(self, keep_ratio: float = 0.3, *, select: str = "global", n_sink: int = 4, chunk_size: int = 2048,
                  head_floor: float = 0.0, decode_keep_ratio: float = 1.0, select_chunk_size: int = 10,
-                 tokenizer=None):
+                 recon_dtype: Optional[torch.dtype] = None, tokenizer=None):
         super().__init__(keep_ratio)
         self.select = V.choice("select", select, SELECTS)
         self.n_sink = V.integer("n_sink", n_sink, low=0)
@@ -226,6 +256,13 @@ class KVzip(CompressionMethod):
         self.head_floor = float(head_floor)
         self.decode_keep_ratio = V.ratio("decode_keep_ratio", decode_keep_ratio)
         self.select_chunk_size = V.integer("select_chunk_size", select_chunk_size, low=1)
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        if isinstance(recon_dtype, str) and recon_dtype in dtypes:
+            recon_dtype = dtypes[recon_dtype]
+        if recon_dtype is not None and recon_dtype not in dtypes.values():
+            raise TypeError("recon_dtype must be None, torch.bfloat16, torch.float16 or torch.float32 (or their "
+                            f"names), got {recon_dtype!r}")
+        self.recon_dtype: Optional[torch.dtype] = recon_dtype
         self.prompts = None if tokenizer is None else reconstruction_prompts(tokenizer)
         self._selector: Optional[CompressionMethod] = None
         #: the last scores ``[layers, B, Hkv, n]`` (fp32), kept for inspection
@@ -238,6 +275,8 @@ class KVzip(CompressionMethod):
             out["head_floor"] = self.head_floor
         if self.select == "shots":
             out["decode_keep_ratio"] = self.decode_keep_ratio
+        if self.recon_dtype is not None:
+            out["recon_dtype"] = str(self.recon_dtype).replace("torch.", "")
         return out
 
     # -------------------------------------------------------------- the per-layer hooks
@@ -293,25 +332,19 @@ class KVzip(CompressionMethod):
         context_lengths = np.full((B, spec.num_kv_heads), n, dtype=np.int64)
 
         def hook(layer: int, query: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+            # the attention and the scores run in the cache's dtype, also under a reduced-precision reconstruction
+            with torch.autocast(query.device.type, enabled=False):
+                return layer_scores(layer, query.to(cache.kv.dtype), scale)
+
+        def layer_scores(layer: int, query: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
             # the fork's rows all hold n + T tokens (nothing evicted yet): context, then this chunk's tokens
             kv = fork.kv
             table, lens = kv.layer_view(layer)
             query = query.contiguous()
             if query.device.type == "cpu" and _CPU_FUSED:
-                # CPU: one fused attention call that also returns the LSE, then only the max pass of the op
+                # CPU: two unmasked flash calls joined by their LSEs, then the op's max pass (no [T, N] mask)
                 k, v = _dense_rows(kv, layer)
-                out, lse = _attention_with_lse(query, k, v, scale)
-                # Only the n context keys need scores, and every reconstruction query sees all of them: the op
-                # runs non-causally over those keys alone with the full LSE (probabilities of the whole
-                # causal softmax), in query blocks of at most n (its W <= keys rule), half the work of
-                # scoring the reconstruction keys too.
-                kc = k[:, :, :n]
-                T = query.shape[2]
-                s = None
-                for w0 in range(0, T, n):
-                    part = attention_mass(query[:, :, w0:w0 + n], kc, scale=scale, lse=lse[:, :, w0:w0 + n],
-                                          causal=False, head_reduce="group_max", query_reduce="max", backend=backend)
-                    s = part if s is None else torch.maximum(s, part)
+                out, s = _reconstruction_attention_cpu(query, k, v, n, scale)
             else:
                 used = -(-kv.max_length(layer) // kv.page_size)
                 out, _ = paged_decode_attention(query, kv.k_pages, kv.v_pages, table[..., :used], lens, scale=scale,
@@ -330,7 +363,9 @@ class KVzip(CompressionMethod):
         prev = model.config._attn_implementation
         model.config._attn_implementation = ATTN_IMPLEMENTATION
         try:
-            with torch.no_grad():
+            dev = scores.device
+            reduced = self.recon_dtype is not None and self.recon_dtype != cache.kv.dtype
+            with torch.no_grad(), torch.autocast(dev.type, dtype=self.recon_dtype or torch.bfloat16, enabled=reduced):
                 for ids in reconstruction_chunks(context_ids, prompts, self.chunk_size):
                     fork = cache.fork()
                     fork.attention_hook = hook
