@@ -9,6 +9,8 @@ its peak memory is its own:
 - ``prefill_stock``: the same forward with transformers' SDPA attention and a ``DynamicCache``;
 - ``kvzip``: ours, the prefill plus :meth:`KVzip.compress_prefilled` (reconstruction pass with the
   scoring op, global selection, eviction) at keep 0.3;
+- ``kvzip_bf16``: the same with ``recon_dtype=torch.bfloat16`` (the reconstruction's linear layers under
+  bf16 autocast; the cache, the attention and the scores in fp32);
 - ``kvpress_kvzip``: kvpress 0.5.5's ``KVzipPress(compression_ratio=0.7)``: ``with press(model):
   model(context)`` (its prefill, then its reconstruction and masking when the context exits).
 
@@ -20,10 +22,16 @@ call's cache freed first), and, coarser, the peak resident set size (``VmHWM``, 
 K/V bytes the cache holds afterwards (ours: the pages in use; kvpress: its DynamicCache tensors, since it
 masks instead of evicting).
 
+``--interleaved`` (time only): every row in one process, alternated with the order rotating each round,
+CPU time per call; ``x_prefill`` is the median over rounds of the call's time over that round's
+``prefill_paged`` — on a shared machine the ratio within a round is what stays put.
+
 Usage::
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_kvzip.py --shots 24 96 --repeat 3 \\
         --out docs/results/bench_kvzip.json
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_kvzip.py --shots 24 96 --repeat 6 --interleaved \\
+        --out docs/results/bench_kvzip_interleaved.json
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-ROWS = ("prefill_paged", "prefill_stock", "kvzip", "kvpress_kvzip")
+ROWS = ("prefill_paged", "prefill_stock", "kvzip", "kvzip_bf16", "kvpress_kvzip")
 
 
 def _rss_kb(field: str) -> int:
@@ -83,17 +91,21 @@ class _HeapPeak:
         self.peak = max(self.peak, self._read())
 
 
-def one(row: str, shots: int, repeat: int, keep: float) -> dict:
-    import kvpress_kernels as kk
+def _setup(shots: int):
     from kvpress_kernels.evaluation.harness import prepare
     from kvpress_kernels.evaluation.model import load_smollm2
     from kvpress_kernels.evaluation.tasks import generate_task
-    from transformers import DynamicCache
 
     torch.set_grad_enabled(False)
     model, tok = load_smollm2()
     ids = prepare(generate_task("lookup", 1, seed=1, n_shots=shots)[0], tok).ctx_ids
-    state = {}
+    return model, tok, ids
+
+
+def _call(row: str, model, tok, ids, keep: float, state: dict):
+    """The callable that runs ``row`` once, leaving its cache in ``state["cache"]``."""
+    import kvpress_kernels as kk
+    from transformers import DynamicCache
 
     if row == "prefill_paged":
         def call():
@@ -103,9 +115,11 @@ def one(row: str, shots: int, repeat: int, keep: float) -> dict:
         def call():
             state["cache"] = DynamicCache()
             model(input_ids=ids, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
-    elif row == "kvzip":
+    elif row in ("kvzip", "kvzip_bf16"):
+        recon = torch.bfloat16 if row == "kvzip_bf16" else None
+
         def call():
-            with kk.compress(model, kk.KVzip(keep, tokenizer=tok)) as s:
+            with kk.compress(model, kk.KVzip(keep, tokenizer=tok, recon_dtype=recon)) as s:
                 state["cache"] = s.prefill(ids)
     else:
         import kvpress.presses.kvzip_press as kz
@@ -121,7 +135,42 @@ def one(row: str, shots: int, repeat: int, keep: float) -> dict:
             state["cache"] = DynamicCache()
             with press(model):
                 model(input_ids=ids, past_key_values=state["cache"], use_cache=True, logits_to_keep=1)
+    return call
 
+
+def interleaved(rows, shots: int, repeat: int, keep: float) -> dict:
+    """Every row in one process, alternated (the order rotating each round), CPU time of each call: the
+    ratios to ``prefill_paged`` of one round see one machine load. Returns the per-row medians and the
+    per-round ratios."""
+    model, tok, ids = _setup(shots)
+    state: dict = {}
+    calls = {r: _call(r, model, tok, ids, keep, state) for r in rows}
+    for c in calls.values():
+        c()                                  # warm-up
+    cpu = {r: [] for r in rows}
+    wall = {r: [] for r in rows}
+    order = list(rows)
+    for i in range(repeat):
+        for r in order[i % len(order):] + order[:i % len(order)]:
+            state.clear()
+            c0, t0 = time.process_time(), time.perf_counter()
+            calls[r]()
+            cpu[r].append(time.process_time() - c0)
+            wall[r].append(time.perf_counter() - t0)
+    base = cpu["prefill_paged"]
+    out = {"shots": shots, "context_tokens": int(ids.shape[1]), "repeat": repeat, "threads": torch.get_num_threads(),
+           "rows": {}}
+    for r in rows:
+        ratios = [a / b for a, b in zip(cpu[r], base)]
+        out["rows"][r] = {"median_cpu_s": statistics.median(cpu[r]), "median_wall_s": statistics.median(wall[r]),
+                          "cpu_s": cpu[r], "x_prefill_per_round": ratios, "x_prefill": statistics.median(ratios)}
+    return out
+
+
+def one(row: str, shots: int, repeat: int, keep: float) -> dict:
+    model, tok, ids = _setup(shots)
+    state: dict = {}
+    call = _call(row, model, tok, ids, keep, state)
     call()                                   # warm-up
     state.clear()
     base = _rss_kb("VmRSS")
@@ -153,7 +202,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--interleaved", action="store_true",
+                    help="time only: every row in one process, alternated, CPU time; ratios per round")
     args = ap.parse_args(argv)
+    if args.interleaved:
+        res = [interleaved(args.rows.split(","), shots, args.repeat, args.keep) for shots in args.shots]
+        for r in res:
+            for name, row in r["rows"].items():
+                print(f"{r['context_tokens']} tokens  {name:14s} median CPU {row['median_cpu_s']:.2f} s  "
+                      f"x plain prefill {row['x_prefill']:.2f} (rounds: "
+                      + ", ".join(f"{x:.2f}" for x in row["x_prefill_per_round"]) + ")")
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"interleaved": res, "argv": sys.argv[1:],
+                                                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                                                 indent=1))
+        return 0
     if args.one:
         print(json.dumps(one(args.one, args.shots[0], args.repeat, args.keep)))
         return 0

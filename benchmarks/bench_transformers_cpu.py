@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -115,13 +116,13 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
            "code": os.environ.get("BENCH_CODE_LABEL", "")}
 
-    def paged(method, new):
+    def paged(method, new, **kw):
         return kvpress_kernels.generate(model, ids, method, attention_mask=mask, max_new_tokens=new,
-                                        min_new_tokens=new, shots=[shots], pad_token_id=tok.eos_token_id)
+                                        min_new_tokens=new, shots=[shots], pad_token_id=tok.eos_token_id, **kw)
 
-    def stock_generate(new):
+    def stock_generate(new, **kw):
         return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
+                              pad_token_id=tok.eos_token_id, **kw)
 
     if kind == "prefill":
         if name == "stock":
@@ -188,28 +189,57 @@ def run_one(kind: str, name: str, n_tokens: int, repeat: int, decode_tokens: int
                     "method_seconds": best[name][0], "method_cpu_seconds": best[name][1],
                     "ratio_cpu": best[name][1] / best["paged"][1], "ratio_wall": best[name][0] / best["paged"][0]})
     elif kind == "decode_pair":
-        # stock generate and the paged path without a method, alternated in one process
-        fns = {"stock": stock_generate, "paged": lambda new: paged(None, new)}
-        best = {(k, new): [float("inf"), float("inf")] for k in fns for new in (1, 1 + decode_tokens)}
+        # Stock generate and the paged path without a method, alternated in one process. Each decode step is
+        # timed on its own (a streamer's put() per new token: wall and CPU clock at each), and a row reports
+        # the median step: one descheduled step on a shared machine moves a median by nothing, where it
+        # moves a difference of two totals by its whole length.
+        class _Steps:
+            def __init__(self):
+                self.marks = []
+
+            def put(self, value):
+                self.marks.append((time.perf_counter(), time.process_time()))
+
+            def end(self):
+                pass
+
+        D = decode_tokens
+        fns = {"stock": stock_generate, "paged": lambda new, **kw: paged(None, new, **kw)}
+        steps = {k: {"wall": [], "cpu": []} for k in fns}
+        pre = {k: {"wall": [], "cpu": []} for k in fns}
         with torch.no_grad():
             for fn in fns.values():
-                fn(1)                                  # warm-up
-            for _ in range(repeat):
-                for (k, new), b in best.items():
-                    c0, t0 = time.process_time(), time.perf_counter()
-                    fns[k](new)
-                    b[0], b[1] = min(b[0], time.perf_counter() - t0), min(b[1], time.process_time() - c0)
-        D = decode_tokens
+                fn(2)                                  # warm-up
+            for r in range(repeat):
+                for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                    st = _Steps()
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    fns[k](1 + D, streamer=st)
+                    # marks: [prompt, token 1 (prefill done), token 2, ..., token 1 + D]
+                    w = [b[0] - a[0] for a, b in zip(st.marks[1:], st.marks[2:])]
+                    c = [b[1] - a[1] for a, b in zip(st.marks[1:], st.marks[2:])]
+                    steps[k]["wall"] += w
+                    steps[k]["cpu"] += c
+                    pre[k]["wall"].append(st.marks[1][0] - t0)
+                    pre[k]["cpu"].append(st.marks[1][1] - c0)
+        med = statistics.median
         for k in fns:
-            (w1, c1), (w2, c2) = best[(k, 1)], best[(k, 1 + D)]
-            row.update({f"{k}_seconds_new1": w1, f"{k}_cpu_seconds_new1": c1, f"{k}_seconds_new": w2,
-                        f"{k}_cpu_seconds_new": c2, f"{k}_ms_per_decode_token": (w2 - w1) / D * 1e3,
-                        f"{k}_cpu_ms_per_decode_token": (c2 - c1) / D * 1e3})
-        row.update({"decode_tokens": D,
-                    "prefill_ratio_cpu": row["paged_cpu_seconds_new1"] / row["stock_cpu_seconds_new1"],
+            row.update({f"{k}_prefill_seconds": med(pre[k]["wall"]), f"{k}_prefill_cpu_seconds": med(pre[k]["cpu"]),
+                        f"{k}_ms_per_decode_token": med(steps[k]["wall"]) * 1e3,
+                        f"{k}_cpu_ms_per_decode_token": med(steps[k]["cpu"]) * 1e3,
+                        f"{k}_decode_steps": len(steps[k]["wall"])})
+        # per repeat, the ratio of the two paths' median steps (the spread of the ratio across repeats)
+        per = []
+        for r in range(repeat):
+            a = med(steps["paged"]["cpu"][r * D:(r + 1) * D])
+            b = med(steps["stock"]["cpu"][r * D:(r + 1) * D])
+            per.append(a / b)
+        row.update({"decode_tokens": D, "repeat": repeat,
+                    "prefill_ratio_cpu": row["paged_prefill_cpu_seconds"] / row["stock_prefill_cpu_seconds"],
                     "decode_ratio_cpu": row["paged_cpu_ms_per_decode_token"] / row["stock_cpu_ms_per_decode_token"],
-                    "prefill_ratio_wall": row["paged_seconds_new1"] / row["stock_seconds_new1"],
-                    "decode_ratio_wall": row["paged_ms_per_decode_token"] / row["stock_ms_per_decode_token"]})
+                    "prefill_ratio_wall": row["paged_prefill_seconds"] / row["stock_prefill_seconds"],
+                    "decode_ratio_wall": row["paged_ms_per_decode_token"] / row["stock_ms_per_decode_token"],
+                    "decode_ratio_cpu_per_repeat": per})
     else:
         fn = stock_generate if name == "stock" else (lambda new: paged(None, new))
         with torch.no_grad():
