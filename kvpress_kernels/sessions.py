@@ -382,16 +382,14 @@ def recompress(cache, method: Optional[CompressionMethod] = None, *, keep_ratio:
 
 def _rebase(cache) -> None:
     """After a re-compression: everything so far is prompt for the decoding phase (one extension range
-    covering every token past the first prompt; ``generated`` restarts), and ShotKV's frozen prefill count
-    per layer is the rows' new length minus that extension (its decode step adds the extension back)."""
+    covering every token past the first prompt; ``generated`` restarts), and the method hears of it
+    (:meth:`~kvpress_kernels.methods.base.CompressionMethod.rebased`: ShotKV's frozen prefill count per layer
+    becomes the rows' new length minus that extension)."""
     total = int(cache._extended + cache._generated)
     cache._extended, cache._generated = total, 0
     cache._ext_ranges = [(0, total)] if total else []
-    m = cache.method
-    if m is not None and isinstance(getattr(m, "_prefill_kept", None), dict):
-        lengths = cache.kv.seq_lengths()                                          # [L, B, H]
-        for layer in range(cache.kv.num_layers):
-            m._prefill_kept[layer] = lengths[layer, :, 0].astype(np.int64) - total
+    if cache.method is not None:
+        cache.method.rebased(cache.kv.seq_lengths(), total)                       # lengths [L, B, H]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -791,3 +791,25 @@ def test_chat_session_on_smollm2(smollm2):
                 dropped += not inside
     assert dropped > 0
     assert chat.cache.kv.bytes_in_use() < 0.5 * chats["full"].cache.kv.bytes_in_use()
+
+
+def test_recompress_tells_the_method_through_rebased():
+    # the public hook: recompress hands the method the new lengths and the extension; ShotKV's decoding
+    # phase then counts its frozen prefill from them (no private state read from outside)
+    model = tiny_llama()
+    seen = []
+
+    class Recording(kk.ShotKV):
+        def rebased(self, lengths, extended):
+            seen.append((lengths.copy(), extended))
+            super().rebased(lengths, extended)
+
+    method = Recording(0.8, decode_keep_ratio=1.0, policy="skip")
+    with kk.compress(model, method, shots=SHOTS, page_size=4) as session:
+        cache = _extended_cache(model, session)
+    S.recompress(cache, keep_ratio=0.5, segments=SHOTS)
+    assert len(seen) == 1
+    lengths, extended = seen[0]
+    assert np.array_equal(lengths, cache.kv.seq_lengths()) and extended == cache._extended
+    for layer in range(cache.kv.num_layers):
+        assert np.array_equal(method._prefill_kept[layer], lengths[layer, :, 0] - extended)

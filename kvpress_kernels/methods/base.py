@@ -245,6 +245,14 @@ class CompressionMethod:
         """Decide what to evict after a decoding step; ``None`` (the default) evicts nothing."""
         return None
 
+    def rebased(self, lengths: np.ndarray, extended: int) -> None:
+        """The cache was re-compressed mid-session (:func:`kvpress_kernels.sessions.recompress`): its rows
+        now hold ``lengths`` ``[layers, batch, kv_heads]`` tokens, everything so far counts as prompt, of
+        which the last ``extended`` per row are prompt extension (the decoding phase's ``generated``
+        restarts at 0). A method with per-layer state about what its prefill kept updates it here; the
+        default has none."""
+        return None
+
     def expected_keep_fraction(self) -> float:
         """Rough fraction of the prompt kept, used only to size the page pool up front (it grows
         if the guess is short)."""

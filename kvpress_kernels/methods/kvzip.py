@@ -298,6 +298,10 @@ class KVzip(CompressionMethod):
     def needs_decode_probs(self) -> bool:  # type: ignore[override]
         return self._selector is not None and bool(self._selector.needs_decode_probs)
 
+    def rebased(self, lengths: np.ndarray, extended: int) -> None:
+        if self._selector is not None:          # ShotKV's decoding phase ("shots") keeps per-layer state
+            self._selector.rebased(lengths, extended)
+
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
         # only ShotKV's decoding phase ("shots" with decode_keep_ratio < 1) compresses while decoding
         return None if self._selector is None else self._selector.decode(inputs)

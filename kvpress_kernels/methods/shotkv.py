@@ -299,6 +299,12 @@ class ShotKV(CompressionMethod):
             return segment_topk_mean(scores, plan["spans"], plan["sizes_host"], self.shot_topk, rows)
         return segment_reduce(scores, spans=plan["spans"], reduce=self.shot_score, lengths=rows, backend=backend)
 
+    def rebased(self, lengths: np.ndarray, extended: int) -> None:
+        # the decoding phase freezes "what the prefill kept" per layer: after a re-compression that is each
+        # row's new length minus the extension (its decode step adds the extension back)
+        for layer in range(lengths.shape[0]):
+            self._prefill_kept[layer] = lengths[layer, :, 0].astype(np.int64) - int(extended)
+
     # -------------------------------------------------------------- decoding
     def decode(self, inputs: DecodeInputs) -> Optional[Eviction]:
         if self.decode_keep_ratio >= 1.0 or inputs.probs is None:
