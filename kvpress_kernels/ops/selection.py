@@ -418,10 +418,13 @@ def _(seg_scores, seg_sizes, budgets, policy, protect, backend):
 # Public entry points
 # --------------------------------------------------------------------------------------------------
 
-def _check_budget(budget, R: int, dev: torch.device, name: str = "budget") -> Union[int, torch.Tensor]:
+def _check_budget(budget, R: int, dev: torch.device, name: str = "budget",
+                  what: str = "(one budget per row)") -> Union[int, torch.Tensor]:
+    """A per-row count argument (``budget``; head_budget's ``floor`` too): a non-negative int, or a ``[R]``
+    int tensor on ``dev`` (its values are checked by the caller). ``what`` ends the shape error."""
     if isinstance(budget, torch.Tensor) and budget.dim() == 1:
         V.tensor(name, budget, ndim=1, dtypes=V.INDEX_DTYPES, device=dev)
-        V.shape(name, budget, [R], "(one budget per row)")
+        V.shape(name, budget, [R], what)
         return budget
     if isinstance(budget, torch.Tensor) and budget.dim() != 0:
         raise ValueError(f"{name} must be an int or a [{R}] int tensor, got shape {list(budget.shape)}")
