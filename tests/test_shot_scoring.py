@@ -9,23 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from kvpress_kernels.methods import GenerationInfo, PrefillInputs, ShotKV, budget_tokens
+from _fixtures import make_inputs as _make_inputs
+from _fixtures import shot_segments
+from _fixtures import shotkv_greedy as greedy
+
+from kvpress_kernels.methods import PrefillInputs, ShotKV
 from kvpress_kernels.methods import shotkv as shotkv_mod
 from kvpress_kernels.methods.shotkv import segment_topk_mean
 
 
 def make_inputs(lengths, Hq=4, Hkv=2, D=8, *, layer=0, num_layers=4, shots=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B, N = len(lengths), max(lengths)
-    q = torch.randn(B, Hq, N, D, generator=g)
-    k = torch.randn(B, Hkv, N, D, generator=g)
-    for b, n in enumerate(lengths):
-        q[b, :, n:] = 0
-        k[b, :, n:] = 0
-    info = GenerationInfo(num_layers=num_layers, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
-                          prompt_lengths=tuple(lengths), shots=shots)
-    return PrefillInputs(layer=layer, queries=q, keys=k, values=torch.zeros_like(k), lengths=torch.tensor(lengths),
-                         scale=D ** -0.5, info=info)
+    return _make_inputs(lengths, Hq, Hkv, D, layer=layer, num_layers=num_layers, shots=shots, seed=seed,
+                        random_values=False)
 
 
 def at_layer(inp, layer):
@@ -49,18 +44,6 @@ def kept_rows(ev, B, Hkv):
 # the oracle, written independently: Python floats
 # ------------------------------------------------------------------------------------------------
 
-def segments(spans, n):
-    segs, cur = [], 0
-    for a, e in spans:
-        if a > cur:
-            segs.append((cur, a, False))
-        segs.append((a, e, True))
-        cur = e
-    if cur < n:
-        segs.append((cur, n, False))
-    return segs
-
-
 def pooled(s, k):
     r = k // 2
     return [sum(s[j + o] for o in range(-r, r + 1) if 0 <= j + o < len(s)) / k for j in range(len(s))]
@@ -78,24 +61,7 @@ def shot_value(tok, a, e, rule, topk):
 
 def seg_values(tok, spans, n, rule="mean", topk=4, pool=1):
     tok = pooled(tok, pool) if pool > 1 else list(tok)
-    return [shot_value(tok, a, e, rule, topk) for a, e, _ in segments(spans, n)]
-
-
-def greedy(values, spans, n, ratio, window, policy="stop"):
-    segs = segments(spans, n)
-    w0 = n - window
-    prot = [not shot or e > w0 for a, e, shot in segs]
-    need = sum(e - a for (a, e, _), p in zip(segs, prot) if p)
-    rem = max(budget_tokens(ratio, n), need) - need
-    keep = {i for i, p in enumerate(prot) if p}
-    for i in sorted((i for i in range(len(segs)) if not prot[i]), key=lambda i: (-values[i], i)):
-        size = segs[i][1] - segs[i][0]
-        if size <= rem:
-            keep.add(i)
-            rem -= size
-        elif policy == "stop":
-            break
-    return {j for i in keep for j in range(segs[i][0], segs[i][1])}
+    return [shot_value(tok, a, e, rule, topk) for a, e, _ in shot_segments(spans, n)]
 
 
 LENGTHS = [60, 47]
