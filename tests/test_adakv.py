@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import _fixtures
 from conftest import devices_for_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -373,17 +374,7 @@ def test_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------
 
 def tiny_llama(Hq=4, Hkv=2, D=16, layers=2, seed=0, vocab=120):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
-                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None,
-                      # well-separated attention scores (no fp32 near-ties) and peaked logits
-                      initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _fixtures.tiny_llama(Hq, Hkv, D, layers, seed, vocab=vocab)
 
 
 def distinct_ids(batch, n, vocab=120, seed=7):

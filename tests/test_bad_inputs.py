@@ -35,8 +35,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import _fixtures
 from conftest import devices_for_triton
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_kernels as kk
 from kvpress_kernels import cli
@@ -774,14 +774,8 @@ def test_bad_batch_shots(shots, lengths, match):
 # ------------------------------------------------------------------------------------------------
 
 def tiny_llama(layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    # transformers' default initializer range: this model only needs to run, not to make clear choices
+    return _fixtures.tiny_llama(4, 2, 8, layers, seed, vocab=61, max_positions=64, initializer_range=0.02)
 
 
 @pytest.fixture(scope="module")
