@@ -622,6 +622,7 @@ def _assert_state(c, state):
 
 KEPT = torch.tensor([0, 2, 5, -1], dtype=torch.int32).expand(2, 2, 4).contiguous()
 X = torch.zeros(2, 2, 3, 8)
+KEPT_T3 = torch.tensor([0, 2, -1, -1], dtype=torch.int32).expand(2, 2, 4).contiguous()   # of X's 3 tokens
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -662,6 +663,18 @@ X = torch.zeros(2, 2, 3, 8)
      "new_lengths"),
     (lambda c: c.reserve(0, -1), ValueError, "extra_tokens"),
     (lambda c: c.reserve(0, 1.5), TypeError, "extra_tokens"),
+    # host ints beyond int64: a cast would wrap 2**63 to -2**63 (numpy: uint64, overflow, or float64 for a list)
+    (lambda c: c.reserve(0, 2 ** 63), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, 2 ** 64), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, -2 ** 63 - 1), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, [2 ** 63, 0]), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, np.uint64(2 ** 64 - 1)), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.append(0, X, X, counts=torch.tensor([2 ** 63, 0], dtype=torch.uint64)), ValueError,
+     "counts must hold values in the int64 range"),
+    (lambda c: c.append_kept(0, X, X, KEPT_T3, seen=[[2 ** 63, 1], [1, 1]]), ValueError,
+     "seen must hold values in the int64 range"),
+    (lambda c: c.compact(0, KEPT, new_lengths=np.full((2, 2), 2 ** 63, dtype=np.uint64)), ValueError,
+     "new_lengths must hold values in the int64 range"),
     (lambda c: c.reserve(3, 1), ValueError, "layer"),
     (lambda c: c.free_sequence(2), ValueError, "seq"),
     (lambda c: c.free_sequence(-1), ValueError, "seq"),
@@ -676,6 +689,30 @@ def test_cache_rejects_and_changes_nothing(call, exc, match):
     state = _cache_state(c)
     with pytest.raises(exc, match=match):
         call(c)
+    _assert_state(c, state)
+
+
+def test_cache_positions_beyond_int32_are_rejected_before_anything_changes():
+    """Default positions are stored as int32 (``pos_pages``): new tokens whose position ``seen_tokens + t``
+    would not fit are a named error, not wrapped positions. Reaching it honestly takes 2**31 appended
+    tokens, so the host counts are set directly."""
+    c = _filled_cache()
+    c._seen_h[0, 1, 0] = 2 ** 31 - 2                    # positions 2**31 - 2 + [0, 3): the last one overflows
+    state = _cache_state(c)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append(0, X, X)
+    _assert_state(c, state)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append_kept(0, X, X, KEPT_T3)
+    _assert_state(c, state)
+    # the boundary: positions up to 2**31 - 1 are stored as they are
+    c = PagedKVCache(1, 1, 1, 8, page_size=4, dtype=torch.float32, num_pages=2, grow=False)
+    c._seen_h[0, 0, 0] = 2 ** 31 - 3
+    c.append(0, X[:1, :1], X[:1, :1])
+    assert c.gather(0)[3][0, 0, :3].tolist() == [2 ** 31 - 3, 2 ** 31 - 2, 2 ** 31 - 1]
+    state = _cache_state(c)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append(0, X[:1, :1, :1], X[:1, :1, :1])
     _assert_state(c, state)
 
 
