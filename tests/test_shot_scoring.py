@@ -225,6 +225,27 @@ def test_bad_scoring_options(kwargs, match):
         ShotKV(0.5, **kwargs)
 
 
+def test_pool_size_as_wide_as_the_whole_prompt_is_rejected_when_the_generation_begins():
+    """The bound of pool_size: at 2 n - 1 (n the longest prompt) the window covers the whole prompt from every
+    token, so every pooled token score is the same and the shot ranking carries nothing; below it, it does."""
+    from kvpress_kernels.ops.scoring import pool_scores
+
+    n = max(LENGTHS)                                                           # 60: the bound is 119
+    tok = crafted_scores(0)
+    flat = pool_scores(tok, "avg", 2 * n - 1, lengths=torch.tensor(LENGTHS))
+    assert torch.allclose(flat[0, :n], flat[0, :n].mean().expand(n))          # uniform: nothing to rank by
+    assert flat[0, :n].std() < 1e-6 < pool_scores(tok, "avg", 2 * n - 3, lengths=torch.tensor(LENGTHS))[0, :n].std()
+    inp = make_inputs(LENGTHS, shots=SHOTS)
+    for pool in (2 * n - 1, 2 * n + 1, 10 ** 9 + 1):
+        m = ShotKV(0.45, pool_size=pool)                                       # the prompt is unknown here
+        with pytest.raises(ValueError, match=f"pool_size must be below 2 \\* n - 1 = {2 * n - 1}"):
+            m.begin(inp.info)
+        assert m.info is None and m._plan is None                              # nothing changed
+    m = ShotKV(0.45, pool_size=2 * n - 3)
+    m.begin(inp.info)
+    assert kept_rows(m.prefill(inp), 2, 2)                                     # the widest sensible window runs
+
+
 def test_harness_names_carry_the_options():
     from kvpress_kernels.evaluation.harness import build_method, parse_method_name
     m = build_method("shotkv[shot_score=topk_mean,shot_topk=3,layer_ranking=cumulative]", 0.2)
