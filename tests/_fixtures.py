@@ -113,3 +113,24 @@ def shotkv_greedy(values, spans, n, ratio, window, policy="stop"):
     order = sorted((i for i in range(len(segs)) if not prot[i]), key=lambda i: (-values[i], i))
     keep |= greedy_fill(order, [e - a for a, e, _ in segs], rem, policy)
     return {j for i in keep for j in range(segs[i][0], segs[i][1])}
+
+
+# ------------------------------------------------------------------------------------------------
+# bad inputs of the paged-layout ops
+# ------------------------------------------------------------------------------------------------
+
+def assert_rejects_bad_paged_layout(call, case, int_dtype=torch.int32):
+    """The checks every op on the paged layout shares (``_validate.paged_layout`` and the backend name), each a
+    named error: ``call(case, name=value)`` runs the op on ``case`` with that one argument replaced."""
+    import pytest
+
+    k = case["k_pages"]
+    for exc, name, bad in [(ValueError, "k_pages", k[0]),                                  # rank
+                           (TypeError, "k_pages", k.to(int_dtype)),                         # not a float
+                           (TypeError, "v_pages", case["v_pages"].float()),                 # dtype of k_pages
+                           (TypeError, "page_table", case["page_table"].float()),
+                           (ValueError, "lengths", case["lengths"][:1]),                    # leading dims
+                           (ValueError, "lengths", case["lengths"].t().contiguous().t()),  # not contiguous
+                           (ValueError, "backend", "fast")]:
+        with pytest.raises(exc, match=name):
+            call(case, **{name: bad})
