@@ -1100,20 +1100,21 @@ def make_view(t: torch.Tensor, kind: str, unit_last: bool):
     return t.narrow(dims[0], 0, 1).expand(t.shape)
 
 
-def view_cases():
-    out = []
+def _op_args(with_backend_only=True):
+    """``(op, variant, arg, value)`` for every argument of every valid variant of every op (only the ops with a
+    Triton backend to compare with the reference, by default)."""
     for op in OPS:
-        if op in NO_BACKEND:
+        if with_backend_only and op in NO_BACKEND:
             continue
         for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if not isinstance(v, torch.Tensor):
-                    continue
-                for kind in VIEW_KINDS:
-                    if make_view(v, kind, (op, arg) in UNIT_STRIDE) is not None:
-                        out.append(pytest.param(op, variant, arg, kind, id=f"{op}-{variant}-{arg}-{kind}",
-                                                marks=pytest.mark.triton))
-    return out
+            for arg in variant_args(op, variant):
+                yield op, variant, arg, kw[arg]
+
+
+def view_cases():
+    return [pytest.param(op, variant, arg, kind, id=f"{op}-{variant}-{arg}-{kind}", marks=pytest.mark.triton)
+            for op, variant, arg, v in _op_args() if isinstance(v, torch.Tensor)
+            for kind in VIEW_KINDS if make_view(v, kind, (op, arg) in UNIT_STRIDE) is not None]
 
 
 def _assert_same_results(got, want, what):
@@ -1153,17 +1154,9 @@ def test_strided_views_give_the_reference_result_on_triton(op, variant, arg, kin
 # ---- class 3: NaN / +inf / -inf in every float input, every backend the same documented result ----
 
 def nan_cases():
-    out = []
-    for op in OPS:
-        if op in NO_BACKEND:
-            continue
-        for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    for value in ("nan", "inf", "-inf"):
-                        out.append(pytest.param(op, variant, arg, float(value), id=f"{op}-{variant}-{arg}-{value}",
-                                                marks=pytest.mark.triton))
-    return out
+    return [pytest.param(op, variant, arg, float(value), id=f"{op}-{variant}-{arg}-{value}", marks=pytest.mark.triton)
+            for op, variant, arg, v in _op_args() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            for value in ("nan", "inf", "-inf")]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter: inf - inf
@@ -1194,14 +1187,10 @@ def test_non_finite_inputs_give_the_same_result_on_every_backend(op, variant, ar
 # ---- class 4: every integer argument beyond int64 ---------------------------------------------------
 
 def int64_cases():
-    out = []
-    for op in OPS:
-        for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if isinstance(v, int) and not isinstance(v, bool):
-                    for value, label in ((2 ** 63, "2**63"), (-(2 ** 63) - 1, "-2**63-1"), (2 ** 100, "2**100")):
-                        out.append(pytest.param(op, variant, arg, value, id=f"{op}-{variant}-{arg}-{label}"))
-    return out
+    return [pytest.param(op, variant, arg, value, id=f"{op}-{variant}-{arg}-{label}")
+            for op, variant, arg, v in _op_args(with_backend_only=False)
+            if isinstance(v, int) and not isinstance(v, bool)
+            for value, label in ((2 ** 63, "2**63"), (-(2 ** 63) - 1, "-2**63-1"), (2 ** 100, "2**100"))]
 
 
 @pytest.mark.parametrize("op,variant,arg,value", int64_cases())
