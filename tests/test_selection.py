@@ -96,7 +96,7 @@ def _case(R, N, kind, seed, *, sink=0, recent=0, with_protect=False, ragged=True
     lens = torch.randint(0, N + 1, (R,), generator=gen) if ragged else torch.full((R,), N)
     lens[0] = N
     protect = (torch.rand(R, N, generator=gen) < 0.1) if with_protect else None
-    n_prot = sel._protected(R, N, lens, sink, recent, protect).sum(1)
+    n_prot = sel._protected(lens, N, sink, recent, protect).sum(1)
     # Budgets anywhere in the feasible range [protected, length], per row.
     frac = torch.rand(R, generator=gen)
     budgets = (n_prot + (frac * (lens - n_prot + 1).float()).floor().long()).clamp(max=lens)
@@ -190,7 +190,7 @@ def _check_properties(data, backend, device="cpu"):
     keep, idx = select_topk(x.to(device), budgets.to(device), lengths=lens.to(device), sink=sink, recent=recent,
                             protect=protect.to(device) if protect is not None else None, backend=backend)
     keep, idx = keep.cpu(), idx.cpu()
-    prot = sel._protected(R, N, lens, sink, recent, protect)
+    prot = sel._protected(lens, N, sink, recent, protect)
     j = torch.arange(N)
     for r in range(R):
         L = int(lens[r])

@@ -43,7 +43,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
-from .selection import _budget_tensor, _check_budget, order_keys
+from .selection import _budget_tensor, _check_budget, _protected, order_keys
 
 try:
     import triton
@@ -64,16 +64,6 @@ def _head_lengths(lengths: Optional[torch.Tensor], B: int, H: int, N: int, devic
     if lengths is None:
         return torch.full((B, H), N, dtype=torch.int64, device=device)
     return lengths.reshape(B, H).to(device=device, dtype=torch.int64).clamp(0, N)
-
-
-def _protected(lens: torch.Tensor, N: int, sink: int, recent: int, protect: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, H, N]`` bool: the protected valid tokens of every head."""
-    j = torch.arange(N, device=lens.device, dtype=torch.int64).view(1, 1, N)
-    L = lens.unsqueeze(-1)
-    prot = (j < sink) | (j >= L - recent)
-    if protect is not None:
-        prot = prot | protect.to(torch.bool)
-    return prot & (j < L)
 
 
 def _topk_ranks(key: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
