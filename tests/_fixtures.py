@@ -66,6 +66,27 @@ def make_inputs(lengths, Hq=4, Hkv=2, D=8, *, layer=0, num_layers=2, shots=None,
                          scale=D ** -0.5, info=info)
 
 
+def kept_lists(ev, B, Hkv):
+    """``[b][h]``: the kept positions of an :class:`~kvpress_kernels.methods.base.Eviction`, after checking its
+    contract per row: int32 ``kept_idx``, strictly ascending positions, then ``-1`` padding, and
+    ``new_lengths`` (when given) equal to the count."""
+    kept = ev.kept_idx
+    assert kept.dtype == torch.int32
+    out = []
+    for b in range(B):
+        rows = []
+        for h in range(Hkv):
+            row = kept[b, h]
+            valid = row[row >= 0].tolist()
+            assert valid == sorted(valid) and len(set(valid)) == len(valid), "kept_idx must ascend"
+            assert (row[len(valid):] == -1).all(), "kept_idx padding must be -1 after the kept slots"
+            if ev.new_lengths is not None:
+                assert ev.new_lengths[b, h] == len(valid)
+            rows.append(valid)
+        out.append(rows)
+    return out
+
+
 # ------------------------------------------------------------------------------------------------
 # segment-greedy oracle pieces (Python, independent of the implementation)
 # ------------------------------------------------------------------------------------------------

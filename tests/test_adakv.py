@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import _fixtures
+from _fixtures import kept_lists as _kept_lists
 from conftest import devices_for_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -598,19 +599,6 @@ def _prefill_inputs(lengths, Hq=4, Hkv=2, D=8, layer=0, layers=4, seed=0, key_sc
         k[b, :, n:] = 0
     info = GenerationInfo(layers, B, Hq, Hkv, D, tuple(lengths))
     return PrefillInputs(layer, q, k, k.clone(), torch.tensor(lengths), D ** -0.5, info)
-
-
-def _kept_lists(ev, B, H):
-    out = []
-    for b in range(B):
-        rows = []
-        for h in range(H):
-            r = ev.kept_idx[b, h]
-            v = r[r >= 0].tolist()
-            assert v == sorted(v) and (r[len(v):] == -1).all()
-            rows.append(v)
-        out.append(rows)
-    return out
 
 
 def _oracle(scores, budgets, alpha, lengths, protect):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from _fixtures import greedy_fill, make_inputs, shot_segments, shotkv_greedy
+from _fixtures import greedy_fill, kept_lists, make_inputs, shot_segments, shotkv_greedy
 
 from kvpress_kernels.methods import (H2O, TOVA, ChunkKV, DecodeInputs, GenerationInfo, KNorm,
                                      PyramidKV, ShotKV, SnapKV, StreamingLLM, budget_tokens)
@@ -56,19 +56,8 @@ def naive_topk(scores, budget, protected):
 
 
 def kept_sets(ev, B, Hkv):
-    out = {}
-    kept = ev.kept_idx
-    assert kept.dtype == torch.int32
-    for b in range(B):
-        for h in range(Hkv):
-            row = kept[b, h]
-            valid = row[row >= 0].tolist()
-            assert valid == sorted(valid) and len(set(valid)) == len(valid), "kept_idx must ascend"
-            assert (row[len(valid):] == -1).all(), "kept_idx padding must be -1 after the kept slots"
-            out[b, h] = set(valid)
-            if ev.new_lengths is not None:
-                assert ev.new_lengths[b, h] == len(valid)
-    return out
+    """``{(b, h): kept positions}`` of an Eviction (its contract checked by :func:`_fixtures.kept_lists`)."""
+    return {(b, h): set(row) for b, rows in enumerate(kept_lists(ev, B, Hkv)) for h, row in enumerate(rows)}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from _fixtures import kept_lists
 from _fixtures import make_inputs as _make_inputs
 from _fixtures import shot_segments
 from _fixtures import shotkv_greedy as greedy
@@ -29,14 +30,11 @@ def at_layer(inp, layer):
 
 
 def kept_rows(ev, B, Hkv):
+    """Per sequence the kept positions, the same in every kv head (ShotKV keeps whole segments for all)."""
     out = []
-    for b in range(B):
-        rows = []
-        for h in range(Hkv):
-            r = ev.kept_idx[b, h]
-            rows.append(set(r[r >= 0].tolist()))
-        assert all(s == rows[0] for s in rows), "every kv head keeps the same tokens"
-        out.append(rows[0])
+    for rows in kept_lists(ev, B, Hkv):
+        assert all(r == rows[0] for r in rows), "every kv head keeps the same tokens"
+        out.append(set(rows[0]))
     return out
 
 
