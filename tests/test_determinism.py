@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import _fixtures
+from _fixtures import greedy_fill
 from conftest import HAS_CUDA, devices_for_triton
 
 import kvpress_kernels as kk
@@ -67,14 +68,9 @@ def naive_segments(scores: torch.Tensor, sizes: list[int], budget: int, policy: 
     for r, row in enumerate(scores.double().tolist()):
         prot = [bool(protect[r, s]) if protect is not None else False for s in range(len(row))]
         rem = budget - sum(sz for sz, p in zip(sizes, prot) if p)
-        keep = list(prot)
-        for s in sorted((s for s in range(len(row)) if not prot[s]), key=lambda s: rank_key(row[s], s)):
-            if sizes[s] <= rem:
-                keep[s] = True
-                rem -= sizes[s]
-            elif policy == "stop":
-                break
-        out.append(keep)
+        taken = greedy_fill(sorted((s for s in range(len(row)) if not prot[s]), key=lambda s: rank_key(row[s], s)),
+                            sizes, rem, policy)
+        out.append([p or s in taken for s, p in enumerate(prot)])
     return out
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _fixtures import greedy_fill
 from conftest import devices_for_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,15 +42,10 @@ def naive_topk(scores, budgets, lengths, sink=0, recent=0, protect=None):
 
 
 def naive_segments_row(scores, sizes, budget, policy, protect):
-    keep = [bool(p) for p in protect]
     rem = budget - sum(s for s, p in zip(sizes, protect) if p)
-    for s in sorted((s for s in range(len(scores)) if not protect[s]), key=lambda s: _rank_key(scores[s], s)):
-        if sizes[s] <= rem:
-            keep[s] = True
-            rem -= sizes[s]
-        elif policy == "stop":
-            break
-    return keep
+    order = sorted((s for s in range(len(scores)) if not protect[s]), key=lambda s: _rank_key(scores[s], s))
+    taken = greedy_fill(order, sizes, rem, policy)
+    return [bool(p) or s in taken for s, p in enumerate(protect)]
 
 
 def naive_segments(scores, sizes, budgets, policy, protect=None):
