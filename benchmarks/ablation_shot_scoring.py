@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from kvpress_kernels.evaluation.stats import fmt, kept_after_prefill, kv_rows, mean_se  # noqa: E402
+
 PAPER = "shotkv"
 #: The variants: one option changed at a time from the paper's rule (docs/METHODS.md).
 VARIANTS = [
@@ -40,16 +42,6 @@ VARIANTS = [
     "shotkv[layer_ranking=cumulative]",
     "shotkv[window_size=1]",
 ]
-
-
-def _mean_se(xs):
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(xs) / n
-    if n < 2:
-        return m, math.nan
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
 def example_order(n: int, stride: int = 5) -> List[int]:
@@ -81,9 +73,7 @@ def run_examples(args) -> None:
 
     model, tok = load_smollm2()
     torch.set_grad_enabled(False)
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_rows = text_cfg.num_hidden_layers * (getattr(text_cfg, "num_key_value_heads", None) or
-                                           text_cfg.num_attention_heads)
+    n_rows = kv_rows(model)
     t0 = time.perf_counter()
     with out.open("a") as f:
         for task in args.tasks:
@@ -102,12 +92,7 @@ def run_examples(args) -> None:
                         prep = prep or prepare(ex, tok)
                         method = None if name == "full" else build_method(name, ratio)
                         o = run_once(model, tok, prep, method, setting)
-                        st = o.stats
-                        if name == "full":
-                            kept = 1.0
-                        else:
-                            kept = (st.get("kv_tokens_after_prefill") or math.nan) / (
-                                n_rows * (st.get("prompt_lengths") or [math.nan])[0])
+                        kept = 1.0 if name == "full" else kept_after_prefill(o.stats, n_rows)
                         rec = {"task": task, "setting": setting, "example": i, "depth": ex.depth, "method": name,
                                "keep_ratio": ratio, "score": score(ex, o.texts if ex.turns else o.text),
                                "kv_kept": kept, "answer": o.text.strip(), "gold": ex.answer,
@@ -143,7 +128,7 @@ def rows_of(recs: List[dict], task: str, setting: str, ratio: float) -> List[Dic
     by = {(r["method"], r["example"]): r for r in here}
     refs = [m for m in methods if reference_of(m) == m] or methods
     base = sorted(e for e in full if all((m, e) in by for m in refs))
-    out = [{"method": "full", "n": len(base), "acc": _mean_se([full[e]["score"] for e in base]),
+    out = [{"method": "full", "n": len(base), "acc": mean_se([full[e]["score"] for e in base]),
             "d": (math.nan, math.nan), "wl": "", "kept": 1.0, "ref": ""}]
     for m in methods:
         ref = reference_of(m)
@@ -152,17 +137,13 @@ def rows_of(recs: List[dict], task: str, setting: str, ratio: float) -> List[Dic
         xs = [by[(m, e)]["score"] for e in examples]
         if paired:
             d = [by[(m, e)]["score"] - by[(ref, e)]["score"] for e in examples]
-            dm, wl = _mean_se(d), f"{sum(x > 0 for x in d)}/{sum(x < 0 for x in d)}"
+            dm, wl = mean_se(d), f"{sum(x > 0 for x in d)}/{sum(x < 0 for x in d)}"
         else:
             dm, wl = (math.nan, math.nan), ""
         kept = [by[(m, e)]["kv_kept"] for e in examples if by[(m, e)]["kv_kept"] is not None]
-        out.append({"method": m, "n": len(examples), "acc": _mean_se(xs), "d": dm, "wl": wl,
+        out.append({"method": m, "n": len(examples), "acc": mean_se(xs), "d": dm, "wl": wl,
                     "ref": ref if paired else "", "kept": sum(kept) / len(kept) if kept else math.nan})
     return out
-
-
-def _f(x, nd=2):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
 
 
 def render(paths) -> str:
@@ -179,9 +160,9 @@ def render(paths) -> str:
             delta = ""
             if not math.isnan(dm):
                 sig = " **(> 2 SE)**" if not math.isnan(dse) and dse > 0 and abs(dm) > 2 * dse else ""
-                delta = f"{_f(dm, 3)} ± {_f(dse, 3)} vs `{r['ref']}`{sig}"
+                delta = f"{fmt(dm, 3)} ± {fmt(dse, 3)} vs `{r['ref']}`{sig}"
             lines.append(f"| {task} | {setting} | {ratio if r['method'] != 'full' else '1.0'} | `{r['method']}` | "
-                         f"{r['n']} | {_f(acc)} ± {_f(se)} | {delta} | {r['wl']} | {_f(r['kept'], 3)} |")
+                         f"{r['n']} | {fmt(acc)} ± {fmt(se)} | {delta} | {r['wl']} | {fmt(r['kept'], 3)} |")
     return "\n".join(lines)
 
 

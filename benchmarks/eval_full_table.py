@@ -40,7 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvpress_kernels.evaluation import harness  # noqa: E402
-from kvpress_kernels.evaluation.tasks import generate_task, score  # noqa: E402
+from kvpress_kernels.evaluation.stats import fmt, kv_rows, nan_to_none, paired_diff  # noqa: E402
+from kvpress_kernels.evaluation.tasks import generate_task  # noqa: E402
 
 METHODS = ["shotkv", "shotkv_decode", "snapkv", "adakv", "pyramidkv", "chunkkv", "streamingllm", "h2o", "tova",
            "knorm"]
@@ -129,31 +130,9 @@ def read_records(out_dir: Path) -> List[Dict[str, object]]:
 
 
 def run_item(model, tok, prep, setting: str, variants, n_rows: int, backend=None) -> List[Dict[str, object]]:
-    """The records of one (example, setting): the full cache, then every (method, ratio) — the same fields
-    as :func:`harness.run_eval`'s records."""
-    ex = prep.example
-    full = harness.run_once(model, tok, prep, None, setting, backend=backend)
-    full_lines = full.lines()
-    base = {"task": ex.task, "example": ex.index, "setting": setting, "depth": ex.depth,
-            "answer_shot": ex.answer_shot, "gold": ex.answer,
-            "prompt_tokens": int(prep.ctx_ids.shape[1] + prep.q_ids.shape[1]), "n_shots": len(prep.shots)}
-    recs = [{**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
-             "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
-             "kv_kept": 1.0, "kv_kept_final": 1.0, "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
-             "seconds": full.seconds}]
-    for name, ratio in variants:
-        out = harness.run_once(model, tok, prep, harness.build_method(name, ratio), setting, backend=backend)
-        st = out.stats
-        prefilled = n_rows * (st.get("prompt_lengths") or [math.nan])[0]
-        kept = (st.get("kv_tokens_after_prefill") or math.nan) / prefilled
-        kept_final = (st.get("kv_tokens_final") or math.nan) / (st.get("kv_tokens_full") or math.nan)
-        lines = out.lines()
-        recs.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
-                     "score": score(ex, out.texts if ex.turns else out.text), "agree": float(lines == full_lines),
-                     "kl": harness.kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept,
-                     "kv_kept_final": kept_final, "kv_bytes_after_prefill": st.get("kv_bytes_after_prefill"),
-                     "seconds": out.seconds})
-    return recs
+    """The records of one (example, setting): the full cache, then every (method, ratio) — the records of
+    :func:`harness.run_eval`, from the same :func:`harness.example_records`."""
+    return harness.example_records(model, tok, prep, setting, variants, n_rows, backend=backend)
 
 
 def claim(path: Path) -> bool:
@@ -199,9 +178,7 @@ def cmd_work(args) -> int:
     print(f"worker {args.worker}: {len(items)} items, {len(items) - len(todo)} already done", flush=True)
     model, tok = load_smollm2()
     torch.set_grad_enabled(False)
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_rows = text_cfg.num_hidden_layers * (getattr(text_cfg, "num_key_value_heads", None)
-                                           or text_cfg.num_attention_heads)
+    n_rows = kv_rows(model)
     examples: Dict[str, list] = {}
     path = out_dir / f"records_w{args.worker}.jsonl"
     t0 = time.time()
@@ -230,7 +207,7 @@ def cmd_work(args) -> int:
 def _cell(r: Optional[Dict[str, object]]) -> str:
     if r is None:
         return "—"
-    return f"{harness._f(r['accuracy'])} ± {harness._f(r['accuracy_se'])} ({harness._f(r['kv_kept'])})"
+    return f"{fmt(r['accuracy'])} ± {fmt(r['accuracy_se'])} ({fmt(r['kv_kept'])})"
 
 
 def full_table(summary: List[Dict[str, object]], tasks, methods, ratios, settings) -> str:
@@ -341,18 +318,9 @@ def cmd_merge(args) -> int:
               "records": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                            if k in KEEP_FIELDS} for r in recs]}
 
-    def clean(x):
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
     doc = Path(args.doc)
     doc.parent.mkdir(parents=True, exist_ok=True)
-    (doc.with_suffix(".json")).write_text(json.dumps(clean(merged), separators=(",", ":")))
+    (doc.with_suffix(".json")).write_text(json.dumps(nan_to_none(merged), separators=(",", ":")))
     png = plot(summary, tasks, args.methods, args.keep_ratios, SETTINGS, doc.with_suffix(".png"),
                "SmolLM2-135M, CPU: accuracy vs keep ratio (± 1 SE); full cache dashed")
     table = full_table(summary, tasks, args.methods, args.keep_ratios, SETTINGS)
@@ -360,9 +328,9 @@ def cmd_merge(args) -> int:
     ptab = ["| shotkv vs | keep | n | shotkv - other ± paired SE | wins | losses | kept shotkv | kept other |",
             "|---|---|---|---|---|---|---|---|"]
     for p in pooled:
-        ptab.append(f"| {p['b']} | {p['keep_ratio']:g} | {p['n']} | {harness._f(p['mean_diff'], 3)} ± "
-                    f"{harness._f(p['se'], 3)} | {p['wins']} | {p['losses']} | {harness._f(p['kv_kept_a'])} | "
-                    f"{harness._f(p['kv_kept_b'])} |")
+        ptab.append(f"| {p['b']} | {p['keep_ratio']:g} | {p['n']} | {fmt(p['mean_diff'], 3)} ± "
+                    f"{fmt(p['se'], 3)} | {p['wins']} | {p['losses']} | {fmt(p['kv_kept_a'])} | "
+                    f"{fmt(p['kv_kept_b'])} |")
     ntab = ["| task | setting | " + " | ".join(f"n at keep {k:g}" for k in args.keep_ratios) + " |",
             "|---|---|" + "---|" * len(args.keep_ratios)]
     for t in tasks:
@@ -378,13 +346,13 @@ def cmd_merge(args) -> int:
     for s in SETTINGS:
         for other in [m for m in args.methods if m != "shotkv"]:
             for k in args.keep_ratios:
-                diffs = [idx[(t, s, e, "shotkv", k)] - idx[(t, s, e, other, k)]
-                         for (t, s2, e, m, kk) in idx if m == "shotkv" and kk == k and s2 == s
-                         and t in DISCRIMINATING and (t, s, e, other, k) in idx]
-                if diffs:
-                    mu, se = harness._mean_se(diffs)
-                    dtab.append(f"| {s} | {other} | {k:g} | {len(diffs)} | {harness._f(mu, 3)} ± {harness._f(se, 3)} | "
-                                f"{sum(d > 0 for d in diffs)} | {sum(d < 0 for d in diffs)} |")
+                both = [((t, s, e, "shotkv", k), (t, s, e, other, k))
+                        for (t, s2, e, m, kk) in idx if m == "shotkv" and kk == k and s2 == s
+                        and t in DISCRIMINATING and (t, s, e, other, k) in idx]
+                if both:
+                    pr = paired_diff([idx[a] for a, _ in both], [idx[b] for _, b in both])
+                    dtab.append(f"| {s} | {other} | {k:g} | {pr['n']} | {fmt(pr['mean_diff'], 3)} ± "
+                                f"{fmt(pr['se'], 3)} | {pr['wins']} | {pr['losses']} |")
     generated = out_dir / "generated_table.md"
     generated.write_text(table + "\n\nPaired on the discriminating tasks (lookup + passkey pooled, same examples), "
                          "per setting:\n\n" + "\n".join(dtab)

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from kvpress_kernels.evaluation.harness import _mean_se, _turn, build_method, prepare, run_once
+from kvpress_kernels.evaluation.harness import _turn, build_method, prepare, run_once
 from kvpress_kernels.evaluation.model import load_smollm2, model_name
+from kvpress_kernels.evaluation.stats import fmt, mean_se, paired_diff
 from kvpress_kernels.evaluation.tasks import answer_line, generate_task, score
 
 OURS = ("full", "snapkv", "kvzip", "kvzip_shotkv")
@@ -112,21 +113,18 @@ def main(argv=None) -> int:
     base = [r["score"] for r in rec["full"]] if "full" in rec else None
     rows = []
     for m in methods:
-        acc, se = _mean_se([r["score"] for r in rec[m]])
-        d, d_se = (_mean_se([a["score"] - b for a, b in zip(rec[m], base)]) if base else (math.nan, math.nan))
+        acc, se = mean_se([r["score"] for r in rec[m]])
+        d, d_se = (mean_se([a["score"] - b for a, b in zip(rec[m], base)]) if base else (math.nan, math.nan))
         rows.append({"method": m, "n": len(rec[m]), "accuracy": acc, "se": se, "delta_vs_full": d, "delta_se": d_se,
-                     "memory_kept": _mean_se([r["memory_kept"] for r in rec[m]])[0],
-                     "unmasked": _mean_se([r["unmasked"] for r in rec[m]])[0],
-                     "seconds": _mean_se([r["seconds"] for r in rec[m]])[0]})
+                     "memory_kept": mean_se([r["memory_kept"] for r in rec[m]])[0],
+                     "unmasked": mean_se([r["unmasked"] for r in rec[m]])[0],
+                     "seconds": mean_se([r["seconds"] for r in rec[m]])[0]})
     pairs = []
     for a, b in (("kvzip", "kvpress_kvzip"), ("kvzip", "snapkv"), ("kvzip_shotkv", "kvpress_kvzip"),
                  ("kvzip", "kvzip_shotkv")):
         if a in rec and b in rec:
-            diffs = [x["score"] - y["score"] for x, y in zip(rec[a], rec[b])]
-            md, mse = _mean_se(diffs)
-            pairs.append({"a": a, "b": b, "mean_diff": md, "se": mse, "wins": sum(x > 0 for x in diffs),
-                          "losses": sum(x < 0 for x in diffs)})
-    f = lambda x: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"  # noqa: E731
+            pd = paired_diff([x["score"] for x in rec[a]], [y["score"] for y in rec[b]])
+            pairs.append({"a": a, "b": b, **{k: pd[k] for k in ("mean_diff", "se", "wins", "losses")}})
     cmd = "OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/eval_kvzip.py " + " ".join(sys.argv[1:] if argv is None
                                                                                        else argv)
     md = [f"# Query-agnostic {args.task}, keep {args.keep}: KVzip-style scoring", "",
@@ -137,12 +135,12 @@ def main(argv=None) -> int:
           "| method | n | accuracy ± SE | Δ vs full ± paired SE | memory kept | keys attended | s / example |",
           "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['method']} | {r['n']} | {f(r['accuracy'])} ± {f(r['se'])} | {f(r['delta_vs_full'])} ± "
-                  f"{f(r['delta_se'])} | {f(r['memory_kept'])} | {f(r['unmasked'])} | {f(r['seconds'])} |")
+        md.append(f"| {r['method']} | {r['n']} | {fmt(r['accuracy'])} ± {fmt(r['se'])} | {fmt(r['delta_vs_full'])} ± "
+                  f"{fmt(r['delta_se'])} | {fmt(r['memory_kept'])} | {fmt(r['unmasked'])} | {fmt(r['seconds'])} |")
     md += ["", "Paired differences (same examples):", "", "| a | b | mean(a - b) ± paired SE | a wins | b wins |",
            "|---|---|---|---|---|"]
     for p in pairs:
-        md.append(f"| {p['a']} | {p['b']} | {f(p['mean_diff'])} ± {f(p['se'])} | {p['wins']} | {p['losses']} |")
+        md.append(f"| {p['a']} | {p['b']} | {fmt(p['mean_diff'])} ± {fmt(p['se'])} | {p['wins']} | {p['losses']} |")
     md += ["", "*memory kept*: K/V tokens stored after compression / context tokens, over all layers and kv heads "
            "(ours: the paged cache really holds only these; kvpress masks, so it stores everything: 1.0). *keys "
            "attended*: the fraction not masked. *s / example*: prefill + compression + question + answer."]

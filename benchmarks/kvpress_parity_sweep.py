@@ -61,9 +61,11 @@ METHODS = {
 }
 
 
-def make_models(heads, kv, hidden, seed):
+def make_models(heads, kv, hidden, seed, layers=2):
+    """A random Llama (SDPA) and its eager twin with the same weights (kvpress's ObservedAttention needs eager
+    attention); ``tests/test_kvpress_parity.py`` builds its large-shape models here too."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
                       bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.2 * (64 / hidden) ** 0.5)
     m = LlamaForCausalLM(cfg).eval()
@@ -99,7 +101,9 @@ def press_positions(model, press, ids):
     return out
 
 
-def method_positions(model, method, ids):
+def record_evictions(method):
+    """Wrap ``method.prefill`` so that every layer's Eviction is kept: ``{layer: Eviction}`` (filled as the
+    layers are prefilled; ``tests/test_kvpress_parity.py`` uses it too)."""
     store = {}
     orig = method.prefill
 
@@ -109,6 +113,11 @@ def method_positions(model, method, ids):
         return ev
 
     method.prefill = prefill
+    return store
+
+
+def method_positions(model, method, ids):
+    store = record_evictions(method)
     with torch.no_grad():
         kvpress_kernels.generate(model, ids, method, max_new_tokens=1, do_sample=False)
     return {layer: (None if ev is None else ev.kept_idx.long()) for layer, ev in store.items()}

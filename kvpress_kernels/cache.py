@@ -367,10 +367,26 @@ class PagedKVCache:
         else:
             dst.copy_(src)
 
-    def _int32_to_device(self, arr: np.ndarray) -> torch.Tensor:
+    def _int32_to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
+        """``arr`` as an int32 device tensor; ``ValueError`` naming ``name`` for a value outside int32 (the
+        cast would wrap it). Callers convert before they change anything."""
+        i32 = np.iinfo(np.int32)
+        if arr.size and (int(arr.min()) < i32.min or int(arr.max()) > i32.max):
+            raise ValueError(f"{name} must fit in int32 [{i32.min}, {i32.max}] on the device, got min "
+                             f"{int(arr.min())}, max {int(arr.max())}")
         out = torch.empty(arr.shape, dtype=torch.int32, device=self.device)
         self._upload(out, arr.astype(np.int32))
         return out
+
+    def _position_starts(self, layer: int, T: int) -> torch.Tensor:
+        """Default positions of ``T`` new tokens start at each row's ``seen_tokens``: those starts as int32
+        device ints, once the last new position ``seen_tokens + T - 1`` is known to fit int32 too."""
+        seen = self._seen_h[layer]
+        last = int(seen.max()) + T - 1 if seen.size else 0
+        if last > np.iinfo(np.int32).max:
+            raise ValueError(f"seen_tokens + T - 1 = {last} (the last new position) must fit in int32 "
+                             f"[{np.iinfo(np.int32).min}, {np.iinfo(np.int32).max}], the dtype of the stored positions")
+        return self._int32_to_device("seen_tokens", seen)
 
     # ------------------------------------------------------------------ the cache operations
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, *, positions: Optional[torch.Tensor] = None,
@@ -403,7 +419,7 @@ class PagedKVCache:
         pos_new = None
         if self.pos_pages is not None:
             if positions is None:
-                start = self._int32_to_device(self._seen_h[layer])
+                start = self._position_starts(layer, T)
                 pos_new = start.unsqueeze(-1) + torch.arange(T, dtype=torch.int32, device=self.device)
             else:
                 pos_new = positions.unsqueeze(1).expand(B, H, T) if positions.dim() == 2 else positions
@@ -455,7 +471,7 @@ class PagedKVCache:
             vv = torch.gather(v, 2, idx.unsqueeze(-1).expand(B, H, K, D))
         pos_new = None
         if self.pos_pages is not None and K:
-            pos_new = (self._int32_to_device(self._seen_h[layer]).unsqueeze(-1) + idx).to(torch.int32)
+            pos_new = (self._position_starts(layer, T).unsqueeze(-1) + idx).to(torch.int32)
         if K and cnt.any():
             self._append(layer, kk, vv, cnt, pos_new, seen_cnt)
         else:
@@ -494,7 +510,7 @@ class PagedKVCache:
             # copy-on-write: the partly filled last page of a row may be another cache's too
             self._make_private(layer, self._len_h[layer], np.where(cnt > 0, self._len_h[layer] + cnt, 0))
         self._reserve(layer, cnt)
-        counts_dev = None if bool((cnt == T).all()) else self._int32_to_device(cnt)
+        counts_dev = None if bool((cnt == T).all()) else self._int32_to_device("counts", cnt)
         table, lengths = self.page_table[layer], self.lengths[layer]
         if debug_checks():
             append_(self.k_pages, self.v_pages, table, lengths, k, v, counts=counts_dev,
@@ -775,15 +791,28 @@ class PagedKVCache:
         return V.integer("layer", layer, low=0, high=self.num_layers - 1)
 
     def _ints(self, name: str, x) -> np.ndarray:
+        """Host ints (an int, a list, numpy or a tensor) as int64 numpy; ``TypeError`` for non-integers,
+        ``ValueError`` for a value outside int64 (casting would wrap ``2**63`` to ``-2**63``), naming ``name``."""
+        i64 = np.iinfo(np.int64)
         if isinstance(x, torch.Tensor):
             if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
                 raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
-            return x.detach().cpu().numpy().astype(np.int64)
-        if isinstance(x, (bool, np.bool_)):
-            raise TypeError(f"{name} must hold integers, got {type(x).__name__}")
-        arr = np.asarray(x)
-        if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
-            raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+            arr = x.detach().cpu().numpy()
+        else:
+            if isinstance(x, (bool, np.bool_)):
+                raise TypeError(f"{name} must hold integers, got {type(x).__name__}")
+            todo = [x]
+            while todo:                # Python ints beyond int64: numpy would overflow, wrap or go float
+                v = todo.pop()
+                if isinstance(v, (list, tuple)):
+                    todo.extend(v)
+                elif isinstance(v, int) and not isinstance(v, bool) and not i64.min <= v <= i64.max:
+                    raise ValueError(f"{name} must hold values in the int64 range [-2**63, 2**63), got {v}")
+            arr = np.asarray(x)
+            if arr.dtype == object or not np.issubdtype(arr.dtype, np.integer):
+                raise TypeError(f"{name} must hold integers, got {arr.dtype}")
+        if arr.dtype.kind == "u" and arr.size and int(arr.max()) > i64.max:
+            raise ValueError(f"{name} must hold values in the int64 range [-2**63, 2**63), got {int(arr.max())}")
         return arr.astype(np.int64)
 
     def _row_ints(self, name: str, x) -> np.ndarray:

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import _fixtures
+from _fixtures import kept_lists as _kept_lists
 from conftest import devices_for_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -373,17 +375,7 @@ def test_compile_fullgraph():
 # ------------------------------------------------------------------------------------------------
 
 def tiny_llama(Hq=4, Hkv=2, D=16, layers=2, seed=0, vocab=120):
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
-                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None,
-                      # well-separated attention scores (no fp32 near-ties) and peaked logits
-                      initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _fixtures.tiny_llama(Hq, Hkv, D, layers, seed, vocab=vocab)
 
 
 def distinct_ids(batch, n, vocab=120, seed=7):
@@ -493,24 +485,15 @@ def _kept_only_attention(module, query, key, value, attention_mask, dropout=0.0,
     return out.transpose(1, 2).contiguous(), None
 
 
-@pytest.mark.parametrize("cfg", [(4, 2, 16), (8, 4, 8)], ids=lambda c: "x".join(map(str, c)))
-def test_generation_equals_attention_over_each_heads_kept_tokens(cfg):
-    """Per-head lengths on our paged cache: greedy generation and every step's logits equal stock
-    attention in which each kv head sees only its own kept prompt tokens (plus the generated ones)."""
+def _assert_equals_kept_only_attention(model, ids, cache, out, n: int, new: int) -> None:
+    """``out`` (greedy generation with scores, on our paged ``cache``) equals stock generation under
+    :func:`_kept_only_attention`, with every kv head of every layer seeing exactly the prompt tokens it
+    kept in ``cache`` (whose count must be its after-prefill length)."""
     from transformers import AttentionInterface
-    Hq, Hkv, D = cfg
-    model = tiny_llama(Hq, Hkv, D, layers=3, seed=3)
-    B, n, new = 2, 37, 4
-    ids = distinct_ids(B, n, seed=11)
-    with kk.compress(model, kk.AdaKV(0.3, alpha=0.2, window_size=4), page_size=4) as s:
-        out = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
-                             return_dict_in_generate=True)
-    kv = s.cache.kv
-    lengths = s.cache.lengths_after_prefill                                  # [L, B, Hkv]
-    budget = kk.methods.budget_tokens(0.3, n)
-    assert (lengths.sum(-1) == Hkv * budget).all()                            # the layer's shared budget
-    assert len(np.unique(lengths)) > 1                                        # heads really differ
-    for layer in range(3):
+    kv = cache.kv
+    lengths = cache.lengths_after_prefill                                   # [L, B, Hkv]
+    L, B, Hkv = lengths.shape
+    for layer in range(L):
         _, _, lens, pos = kv.gather(layer)
         keep = torch.zeros(B, Hkv, n, dtype=torch.bool)
         for b in range(B):
@@ -533,6 +516,24 @@ def test_generation_equals_attention_over_each_heads_kept_tokens(cfg):
         # the first token comes from the uncompressed prefill; later ones from the per-head cache.
         # fp32 attention summed in another order (paged reference vs SDPA): O(1) logits agree to ~1e-6
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("cfg", [(4, 2, 16), (8, 4, 8)], ids=lambda c: "x".join(map(str, c)))
+def test_generation_equals_attention_over_each_heads_kept_tokens(cfg):
+    """Per-head lengths on our paged cache: greedy generation and every step's logits equal stock
+    attention in which each kv head sees only its own kept prompt tokens (plus the generated ones)."""
+    Hq, Hkv, D = cfg
+    model = tiny_llama(Hq, Hkv, D, layers=3, seed=3)
+    B, n, new = 2, 37, 4
+    ids = distinct_ids(B, n, seed=11)
+    with kk.compress(model, kk.AdaKV(0.3, alpha=0.2, window_size=4), page_size=4) as s:
+        out = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+    lengths = s.cache.lengths_after_prefill                                  # [L, B, Hkv]
+    budget = kk.methods.budget_tokens(0.3, n)
+    assert (lengths.sum(-1) == Hkv * budget).all()                            # the layer's shared budget
+    assert len(np.unique(lengths)) > 1                                        # heads really differ
+    _assert_equals_kept_only_attention(model, ids, s.cache, out, n, new)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -598,19 +599,6 @@ def _prefill_inputs(lengths, Hq=4, Hkv=2, D=8, layer=0, layers=4, seed=0, key_sc
         k[b, :, n:] = 0
     info = GenerationInfo(layers, B, Hq, Hkv, D, tuple(lengths))
     return PrefillInputs(layer, q, k, k.clone(), torch.tensor(lengths), D ** -0.5, info)
-
-
-def _kept_lists(ev, B, H):
-    out = []
-    for b in range(B):
-        rows = []
-        for h in range(H):
-            r = ev.kept_idx[b, h]
-            v = r[r >= 0].tolist()
-            assert v == sorted(v) and (r[len(v):] == -1).all()
-            rows.append(v)
-        out.append(rows)
-    return out
 
 
 def _oracle(scores, budgets, alpha, lengths, protect):
@@ -728,7 +716,6 @@ def test_head_budget_generation_equals_attention_over_each_heads_kept_tokens(nam
     """End to end on the paged cache for the other methods with head_budget="adakv": per-head lengths after
     prefill, and greedy generation / every step's logits equal stock attention in which each kv head sees
     only its own kept prompt tokens."""
-    from transformers import AttentionInterface
     model = tiny_llama(4, 2, 16, layers=3, seed=3)
     B, n, new = 2, 37, 4
     ids = distinct_ids(B, n, seed=11)
@@ -738,31 +725,10 @@ def test_head_budget_generation_equals_attention_over_each_heads_kept_tokens(nam
     with kk.compress(model, method, page_size=4) as s:
         out = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
                              return_dict_in_generate=True)
-    kv = s.cache.kv
-    kv.check_invariants()
+    s.cache.kv.check_invariants()
     lengths = s.cache.lengths_after_prefill                                  # [L, B, Hkv]
     assert len(np.unique(lengths)) > 1                                        # heads really differ
-    for layer in range(3):
-        _, _, lens, pos = kv.gather(layer)
-        keep = torch.zeros(B, 2, n, dtype=torch.bool)
-        for b in range(B):
-            for h in range(2):
-                p = pos[b, h, :lens[b, h]]
-                keep[b, h, p[p < n].long()] = True
-        assert torch.equal(keep.sum(-1), torch.as_tensor(lengths[layer]))
-        _KEEP[layer] = keep
-    AttentionInterface.register("adakv_kept_only", _kept_only_attention)
-    prev = model.config._attn_implementation
-    model.config._attn_implementation = "adakv_kept_only"
-    try:
-        want = model.generate(ids, max_new_tokens=new, do_sample=False, output_scores=True,
-                              return_dict_in_generate=True)
-    finally:
-        model.config._attn_implementation = prev
-        _KEEP.clear()
-    assert torch.equal(out.sequences, want.sequences)
-    for step, (a, b) in enumerate(zip(out.scores, want.scores)):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=f"step {step}")
+    _assert_equals_kept_only_attention(model, ids, s.cache, out, n, new)
 
 
 def test_h2o_head_budget_decoding_keeps_the_shared_budget_on_the_paged_cache():

@@ -35,8 +35,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import _fixtures
 from conftest import devices_for_triton
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_kernels as kk
 from kvpress_kernels import cli
@@ -622,6 +622,7 @@ def _assert_state(c, state):
 
 KEPT = torch.tensor([0, 2, 5, -1], dtype=torch.int32).expand(2, 2, 4).contiguous()
 X = torch.zeros(2, 2, 3, 8)
+KEPT_T3 = torch.tensor([0, 2, -1, -1], dtype=torch.int32).expand(2, 2, 4).contiguous()   # of X's 3 tokens
 
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -662,6 +663,18 @@ X = torch.zeros(2, 2, 3, 8)
      "new_lengths"),
     (lambda c: c.reserve(0, -1), ValueError, "extra_tokens"),
     (lambda c: c.reserve(0, 1.5), TypeError, "extra_tokens"),
+    # host ints beyond int64: a cast would wrap 2**63 to -2**63 (numpy: uint64, overflow, or float64 for a list)
+    (lambda c: c.reserve(0, 2 ** 63), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, 2 ** 64), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, -2 ** 63 - 1), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, [2 ** 63, 0]), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.reserve(0, np.uint64(2 ** 64 - 1)), ValueError, "extra_tokens must hold values in the int64 range"),
+    (lambda c: c.append(0, X, X, counts=torch.tensor([2 ** 63, 0], dtype=torch.uint64)), ValueError,
+     "counts must hold values in the int64 range"),
+    (lambda c: c.append_kept(0, X, X, KEPT_T3, seen=[[2 ** 63, 1], [1, 1]]), ValueError,
+     "seen must hold values in the int64 range"),
+    (lambda c: c.compact(0, KEPT, new_lengths=np.full((2, 2), 2 ** 63, dtype=np.uint64)), ValueError,
+     "new_lengths must hold values in the int64 range"),
     (lambda c: c.reserve(3, 1), ValueError, "layer"),
     (lambda c: c.free_sequence(2), ValueError, "seq"),
     (lambda c: c.free_sequence(-1), ValueError, "seq"),
@@ -676,6 +689,30 @@ def test_cache_rejects_and_changes_nothing(call, exc, match):
     state = _cache_state(c)
     with pytest.raises(exc, match=match):
         call(c)
+    _assert_state(c, state)
+
+
+def test_cache_positions_beyond_int32_are_rejected_before_anything_changes():
+    """Default positions are stored as int32 (``pos_pages``): new tokens whose position ``seen_tokens + t``
+    would not fit are a named error, not wrapped positions. Reaching it honestly takes 2**31 appended
+    tokens, so the host counts are set directly."""
+    c = _filled_cache()
+    c._seen_h[0, 1, 0] = 2 ** 31 - 2                    # positions 2**31 - 2 + [0, 3): the last one overflows
+    state = _cache_state(c)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append(0, X, X)
+    _assert_state(c, state)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append_kept(0, X, X, KEPT_T3)
+    _assert_state(c, state)
+    # the boundary: positions up to 2**31 - 1 are stored as they are
+    c = PagedKVCache(1, 1, 1, 8, page_size=4, dtype=torch.float32, num_pages=2, grow=False)
+    c._seen_h[0, 0, 0] = 2 ** 31 - 3
+    c.append(0, X[:1, :1], X[:1, :1])
+    assert c.gather(0)[3][0, 0, :3].tolist() == [2 ** 31 - 3, 2 ** 31 - 2, 2 ** 31 - 1]
+    state = _cache_state(c)
+    with pytest.raises(ValueError, match="seen_tokens"):
+        c.append(0, X[:1, :1, :1], X[:1, :1, :1])
     _assert_state(c, state)
 
 
@@ -774,14 +811,8 @@ def test_bad_batch_shots(shots, lengths, match):
 # ------------------------------------------------------------------------------------------------
 
 def tiny_llama(layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    # transformers' default initializer range: this model only needs to run, not to make clear choices
+    return _fixtures.tiny_llama(4, 2, 8, layers, seed, vocab=61, max_positions=64, initializer_range=0.02)
 
 
 @pytest.fixture(scope="module")
@@ -1069,20 +1100,21 @@ def make_view(t: torch.Tensor, kind: str, unit_last: bool):
     return t.narrow(dims[0], 0, 1).expand(t.shape)
 
 
-def view_cases():
-    out = []
+def _op_args(with_backend_only=True):
+    """``(op, variant, arg, value)`` for every argument of every valid variant of every op (only the ops with a
+    Triton backend to compare with the reference, by default)."""
     for op in OPS:
-        if op in NO_BACKEND:
+        if with_backend_only and op in NO_BACKEND:
             continue
         for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if not isinstance(v, torch.Tensor):
-                    continue
-                for kind in VIEW_KINDS:
-                    if make_view(v, kind, (op, arg) in UNIT_STRIDE) is not None:
-                        out.append(pytest.param(op, variant, arg, kind, id=f"{op}-{variant}-{arg}-{kind}",
-                                                marks=pytest.mark.triton))
-    return out
+            for arg in variant_args(op, variant):
+                yield op, variant, arg, kw[arg]
+
+
+def view_cases():
+    return [pytest.param(op, variant, arg, kind, id=f"{op}-{variant}-{arg}-{kind}", marks=pytest.mark.triton)
+            for op, variant, arg, v in _op_args() if isinstance(v, torch.Tensor)
+            for kind in VIEW_KINDS if make_view(v, kind, (op, arg) in UNIT_STRIDE) is not None]
 
 
 def _assert_same_results(got, want, what):
@@ -1122,17 +1154,9 @@ def test_strided_views_give_the_reference_result_on_triton(op, variant, arg, kin
 # ---- class 3: NaN / +inf / -inf in every float input, every backend the same documented result ----
 
 def nan_cases():
-    out = []
-    for op in OPS:
-        if op in NO_BACKEND:
-            continue
-        for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
-                    for value in ("nan", "inf", "-inf"):
-                        out.append(pytest.param(op, variant, arg, float(value), id=f"{op}-{variant}-{arg}-{value}",
-                                                marks=pytest.mark.triton))
-    return out
+    return [pytest.param(op, variant, arg, float(value), id=f"{op}-{variant}-{arg}-{value}", marks=pytest.mark.triton)
+            for op, variant, arg, v in _op_args() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            for value in ("nan", "inf", "-inf")]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy in the interpreter: inf - inf
@@ -1163,14 +1187,10 @@ def test_non_finite_inputs_give_the_same_result_on_every_backend(op, variant, ar
 # ---- class 4: every integer argument beyond int64 ---------------------------------------------------
 
 def int64_cases():
-    out = []
-    for op in OPS:
-        for variant, kw in valid_variants(op).items():
-            for arg, v in [(a, kw[a]) for a in variant_args(op, variant)]:
-                if isinstance(v, int) and not isinstance(v, bool):
-                    for value, label in ((2 ** 63, "2**63"), (-(2 ** 63) - 1, "-2**63-1"), (2 ** 100, "2**100")):
-                        out.append(pytest.param(op, variant, arg, value, id=f"{op}-{variant}-{arg}-{label}"))
-    return out
+    return [pytest.param(op, variant, arg, value, id=f"{op}-{variant}-{arg}-{label}")
+            for op, variant, arg, v in _op_args(with_backend_only=False)
+            if isinstance(v, int) and not isinstance(v, bool)
+            for value, label in ((2 ** 63, "2**63"), (-(2 ** 63) - 1, "-2**63-1"), (2 ** 100, "2**100"))]
 
 
 @pytest.mark.parametrize("op,variant,arg,value", int64_cases())

@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import _fixtures
+from _fixtures import greedy_fill
 from conftest import HAS_CUDA, devices_for_triton
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_kernels as kk
 import kvpress_kernels.ops.selection as sel
@@ -67,14 +68,9 @@ def naive_segments(scores: torch.Tensor, sizes: list[int], budget: int, policy: 
     for r, row in enumerate(scores.double().tolist()):
         prot = [bool(protect[r, s]) if protect is not None else False for s in range(len(row))]
         rem = budget - sum(sz for sz, p in zip(sizes, prot) if p)
-        keep = list(prot)
-        for s in sorted((s for s in range(len(row)) if not prot[s]), key=lambda s: rank_key(row[s], s)):
-            if sizes[s] <= rem:
-                keep[s] = True
-                rem -= sizes[s]
-            elif policy == "stop":
-                break
-        out.append(keep)
+        taken = greedy_fill(sorted((s for s in range(len(row)) if not prot[s]), key=lambda s: rank_key(row[s], s)),
+                            sizes, rem, policy)
+        out.append([p or s in taken for s, p in enumerate(prot)])
     return out
 
 
@@ -190,14 +186,7 @@ def test_select_segments_ties_identical_on_every_backend(backend, policy, kind, 
 # ------------------------------------------------------------------------------------------------
 
 def tiny_llama(Hq=4, Hkv=2, D=8, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
-                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=128,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None, initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _fixtures.tiny_llama(Hq, Hkv, D, layers, seed, max_positions=128)
 
 
 def methods():

@@ -137,6 +137,29 @@ def test_kl_and_stats_helpers():
     assert m == 0.5 and se == pytest.approx(math.sqrt((4 * 0.25 / 3) / 4))
 
 
+def test_shared_stats_helpers():
+    """kvpress_kernels/evaluation/stats.py: what the harness and the eval scripts in benchmarks/ share."""
+    from kvpress_kernels.evaluation import stats
+
+    assert all(math.isnan(v) for v in stats.mean_se([]))
+    m, se = stats.mean_se([3.0])
+    assert m == 3.0 and math.isnan(se)
+    p = stats.paired_diff([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 0.0])          # diffs +1, 0, -1, +1
+    assert (p["n"], p["wins"], p["losses"]) == (4, 2, 1)
+    assert p["mean_diff"] == pytest.approx(0.25)
+    assert p["se"] == pytest.approx(math.sqrt(sum((d - 0.25) ** 2 for d in (1, 0, -1, 1)) / 3 / 4))
+    with pytest.raises(ValueError, match="pair up"):
+        stats.paired_diff([1.0], [1.0, 0.0])
+    assert stats.nan_to_none({"a": [1.0, math.nan, {"b": math.nan}], "c": "x", "d": 0}) == \
+        {"a": [1.0, None, {"b": None}], "c": "x", "d": 0}
+    assert stats.fmt(None) == stats.fmt(math.nan) == "-" and stats.fmt(0.12345, 3) == "0.123"
+    st = {"prompt_lengths": [10, 99], "kv_tokens_after_prefill": 12, "kv_tokens_final": 30, "kv_tokens_full": 40}
+    assert stats.kept_after_prefill(st, 4) == pytest.approx(12 / 40)
+    assert stats.kept_final(st) == pytest.approx(0.75)
+    assert math.isnan(stats.kept_after_prefill({}, 4)) and math.isnan(stats.kept_final({}))
+    assert harness._mean_se is stats.mean_se and harness._f is stats.fmt     # one implementation
+
+
 def test_summary_pairs_and_depth_from_records():
     cfg = harness.EvalConfig(tasks=["lookup"], methods=["shotkv", "snapkv"], keep_ratios=[0.3],
                              settings=["query_aware"], n_examples=4)

@@ -16,6 +16,7 @@ pads all window scores to the same ``max + 1``, which would tie if the budget cu
 
 import copy
 import importlib
+import importlib.util
 import math
 import os
 import subprocess
@@ -32,6 +33,11 @@ from transformers import (DynamicCache, LlamaConfig, LlamaForCausalLM,  # noqa: 
 
 import kvpress_kernels  # noqa: E402,F401
 from kvpress_kernels.integrations import kvpress as kk  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "kvpress_parity_sweep", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "kvpress_parity_sweep.py"))
+_sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_sweep)
 
 N_CTX = 61
 
@@ -316,22 +322,11 @@ BIG_VOCAB = 1200
 
 @pytest.fixture(scope="module")
 def big_models():
-    out = {}
-    for i, (name, (layers, heads, kv, hidden)) in enumerate(BIG_CONFIGS.items()):
-        torch.manual_seed(300 + i)
-        cfg = LlamaConfig(vocab_size=BIG_VOCAB, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                          # the same logit spread as the hidden-64 models (std 0.2 there): peaked enough
-                          # that scores are well separated, not so peaked that pooling ties them
-                          initializer_range=0.2 * (64 / hidden) ** 0.5)
-        m = LlamaForCausalLM(cfg).eval()
-        cfg_e = copy.deepcopy(cfg)
-        cfg_e._attn_implementation = "eager"
-        me = LlamaForCausalLM(cfg_e).eval()
-        me.load_state_dict(m.state_dict())
-        out[name] = (m, me)
-    return out
+    # the same logit spread as the hidden-64 models (std 0.2 there): peaked enough that scores are well
+    # separated, not so peaked that pooling ties them (benchmarks/kvpress_parity_sweep.py's models, other seeds)
+    assert _sweep.VOCAB == BIG_VOCAB
+    return {name: _sweep.make_models(heads, kv, hidden, 300 + i, layers=layers)
+            for i, (name, (layers, heads, kv, hidden)) in enumerate(BIG_CONFIGS.items())}
 
 
 def _big_ids(batch, n, seed=11):
@@ -339,18 +334,7 @@ def _big_ids(batch, n, seed=11):
     return torch.stack([torch.randperm(BIG_VOCAB - 3, generator=g)[:n] + 3 for _ in range(batch)])
 
 
-def record_evictions(method):
-    """Wrap ``method.prefill`` so that every layer's Eviction is kept: ``{layer: Eviction}``."""
-    store = {}
-    orig = method.prefill
-
-    def prefill(inputs):
-        ev = orig(inputs)
-        store[inputs.layer] = ev
-        return ev
-
-    method.prefill = prefill
-    return store
+record_evictions = _sweep.record_evictions     # {layer: Eviction} of every prefilled layer
 
 
 # name: (kvpress press(r), our method(r) with the kvpress options, ratios, kvpress needs eager attention)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from kvpress_kernels.methods import (H2O, TOVA, ChunkKV, DecodeInputs, GenerationInfo, KNorm, PrefillInputs,
+from _fixtures import greedy_fill, kept_lists, make_inputs, shot_segments, shotkv_greedy
+
+from kvpress_kernels.methods import (H2O, TOVA, ChunkKV, DecodeInputs, GenerationInfo, KNorm,
                                      PyramidKV, ShotKV, SnapKV, StreamingLLM, budget_tokens)
 from kvpress_kernels.shots import find_shots, normalize_batch_shots, validate_spans
 
@@ -15,22 +17,6 @@ from kvpress_kernels.shots import find_shots, normalize_batch_shots, validate_sp
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-def make_inputs(lengths, Hq=4, Hkv=2, D=8, *, layer=0, num_layers=2, shots=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B, N = len(lengths), max(lengths)
-    q = torch.randn(B, Hq, N, D, generator=g)
-    k = torch.randn(B, Hkv, N, D, generator=g)
-    v = torch.randn(B, Hkv, N, D, generator=g)
-    for b, n in enumerate(lengths):
-        q[b, :, n:] = 0
-        k[b, :, n:] = 0
-        v[b, :, n:] = 0
-    info = GenerationInfo(num_layers=num_layers, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
-                          prompt_lengths=tuple(lengths), shots=shots)
-    return PrefillInputs(layer=layer, queries=q, keys=k, values=v, lengths=torch.tensor(lengths),
-                         scale=D ** -0.5, info=info)
-
 
 def naive_mass(inp, b, window, *, causal=True):
     """float64 ``[Hq, n]``: attention each key of sequence b gets from its last ``window`` queries."""
@@ -70,19 +56,8 @@ def naive_topk(scores, budget, protected):
 
 
 def kept_sets(ev, B, Hkv):
-    out = {}
-    kept = ev.kept_idx
-    assert kept.dtype == torch.int32
-    for b in range(B):
-        for h in range(Hkv):
-            row = kept[b, h]
-            valid = row[row >= 0].tolist()
-            assert valid == sorted(valid) and len(set(valid)) == len(valid), "kept_idx must ascend"
-            assert (row[len(valid):] == -1).all(), "kept_idx padding must be -1 after the kept slots"
-            out[b, h] = set(valid)
-            if ev.new_lengths is not None:
-                assert ev.new_lengths[b, h] == len(valid)
-    return out
+    """``{(b, h): kept positions}`` of an Eviction (its contract checked by :func:`_fixtures.kept_lists`)."""
+    return {(b, h): set(row) for b, rows in enumerate(kept_lists(ev, B, Hkv)) for h, row in enumerate(rows)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,13 +129,8 @@ def test_chunkkv_matches_naive(policy):
         keep = {i for i, p in enumerate(prot) if p}
         rem = max(budget_tokens(ratio, n), sum(e - a for (a, e), p in zip(chunks, prot) if p)) - \
             sum(e - a for (a, e), p in zip(chunks, prot) if p)
-        for i in sorted((i for i in range(len(chunks)) if not prot[i]), key=lambda i: (-score[i], i)):
-            size = chunks[i][1] - chunks[i][0]
-            if size <= rem:
-                keep.add(i)
-                rem -= size
-            elif policy == "stop":
-                break
+        keep |= greedy_fill(sorted((i for i in range(len(chunks)) if not prot[i]), key=lambda i: (-score[i], i)),
+                            [e - a for a, e in chunks], rem, policy)
         want = {j for i in keep for j in range(*chunks[i])}
         for h in range(Hkv):
             assert got[b, h] == want, (b, h)
@@ -216,29 +186,8 @@ def naive_shotkv(inp, b, ratio, policy, window):
     n = inp.info.prompt_lengths[b]
     spans = inp.info.shots[b]
     s = naive_mass(inp, b, window).sum(0)
-    segs, cur = [], 0
-    for a, e in spans:
-        if a > cur:
-            segs.append((cur, a, False))
-        segs.append((a, e, True))
-        cur = e
-    if cur < n:
-        segs.append((cur, n, False))
-    w0 = n - window
-    prot = [not shot or e > w0 for a, e, shot in segs]
-    need = sum(e - a for (a, e, _), p in zip(segs, prot) if p)
-    rem = max(budget_tokens(ratio, n), need) - need
-    keep = {i for i, p in enumerate(prot) if p}
-    order = sorted((i for i in range(len(segs)) if not prot[i]),
-                   key=lambda i: (-float(s[segs[i][0]:segs[i][1]].mean()), i))
-    for i in order:
-        size = segs[i][1] - segs[i][0]
-        if size <= rem:
-            keep.add(i)
-            rem -= size
-        elif policy == "stop":
-            break
-    return {j for i in keep for j in range(segs[i][0], segs[i][1])}
+    values = [float(s[a:e].mean()) for a, e, _ in shot_segments(spans, n)]
+    return shotkv_greedy(values, spans, n, ratio, window, policy)
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])

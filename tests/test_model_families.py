@@ -16,6 +16,8 @@ import pytest
 import torch
 import transformers
 
+from _fixtures import left_padded_prompts
+
 import kvpress_kernels as kk
 from kvpress_kernels.integrations.transformers import ATTN_IMPLEMENTATION
 from kvpress_kernels.methods import budget_tokens
@@ -56,15 +58,7 @@ def build(family, seed=0, **overrides):
 
 def prompts(batch=2, seed=0):
     """Token ids and attention mask, left padded: lengths 37 and 29."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [37, 29][:batch]
-    N = max(lengths)
-    ids = torch.zeros(batch, N, dtype=torch.long)
-    mask = torch.zeros(batch, N, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, N - n:] = torch.randint(3, V, (n,), generator=g)
-        mask[b, N - n:] = 1
-    return ids, mask, lengths
+    return left_padded_prompts(batch, seed, vocab=V)
 
 
 def stock(model, ids, mask):

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from _fixtures import greedy_fill
 from conftest import devices_for_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -41,15 +42,10 @@ def naive_topk(scores, budgets, lengths, sink=0, recent=0, protect=None):
 
 
 def naive_segments_row(scores, sizes, budget, policy, protect):
-    keep = [bool(p) for p in protect]
     rem = budget - sum(s for s, p in zip(sizes, protect) if p)
-    for s in sorted((s for s in range(len(scores)) if not protect[s]), key=lambda s: _rank_key(scores[s], s)):
-        if sizes[s] <= rem:
-            keep[s] = True
-            rem -= sizes[s]
-        elif policy == "stop":
-            break
-    return keep
+    order = sorted((s for s in range(len(scores)) if not protect[s]), key=lambda s: _rank_key(scores[s], s))
+    taken = greedy_fill(order, sizes, rem, policy)
+    return [bool(p) or s in taken for s, p in enumerate(protect)]
 
 
 def naive_segments(scores, sizes, budgets, policy, protect=None):
@@ -96,7 +92,7 @@ def _case(R, N, kind, seed, *, sink=0, recent=0, with_protect=False, ragged=True
     lens = torch.randint(0, N + 1, (R,), generator=gen) if ragged else torch.full((R,), N)
     lens[0] = N
     protect = (torch.rand(R, N, generator=gen) < 0.1) if with_protect else None
-    n_prot = sel._protected(R, N, lens, sink, recent, protect).sum(1)
+    n_prot = sel._protected(lens, N, sink, recent, protect).sum(1)
     # Budgets anywhere in the feasible range [protected, length], per row.
     frac = torch.rand(R, generator=gen)
     budgets = (n_prot + (frac * (lens - n_prot + 1).float()).floor().long()).clamp(max=lens)
@@ -190,7 +186,7 @@ def _check_properties(data, backend, device="cpu"):
     keep, idx = select_topk(x.to(device), budgets.to(device), lengths=lens.to(device), sink=sink, recent=recent,
                             protect=protect.to(device) if protect is not None else None, backend=backend)
     keep, idx = keep.cpu(), idx.cpu()
-    prot = sel._protected(R, N, lens, sink, recent, protect)
+    prot = sel._protected(lens, N, sink, recent, protect)
     j = torch.arange(N)
     for r in range(R):
         L = int(lens[r])

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import _fixtures
+
 from kvpress_kernels.cache import PagedKVCache
 
 
@@ -100,21 +102,13 @@ def test_dropped_fork_pages_come_back_before_the_pool_grows():
 
 # ------------------------------------------------------------------ prompt reuse on a model
 import kvpress_kernels as kk  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from kvpress_kernels.integrations._compat import cache_kwarg  # noqa: E402
 
 NEW = 6
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None, initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
+    return _fixtures.tiny_llama(4, 2, 16, 2, seed)
 
 
 def context(seed=0):

@@ -9,23 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from kvpress_kernels.methods import GenerationInfo, PrefillInputs, ShotKV, budget_tokens
+from _fixtures import kept_lists
+from _fixtures import make_inputs as _make_inputs
+from _fixtures import shot_segments
+from _fixtures import shotkv_greedy as greedy
+
+from kvpress_kernels.methods import PrefillInputs, ShotKV
 from kvpress_kernels.methods import shotkv as shotkv_mod
 from kvpress_kernels.methods.shotkv import segment_topk_mean
 
 
 def make_inputs(lengths, Hq=4, Hkv=2, D=8, *, layer=0, num_layers=4, shots=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    B, N = len(lengths), max(lengths)
-    q = torch.randn(B, Hq, N, D, generator=g)
-    k = torch.randn(B, Hkv, N, D, generator=g)
-    for b, n in enumerate(lengths):
-        q[b, :, n:] = 0
-        k[b, :, n:] = 0
-    info = GenerationInfo(num_layers=num_layers, batch_size=B, num_heads=Hq, num_kv_heads=Hkv, head_dim=D,
-                          prompt_lengths=tuple(lengths), shots=shots)
-    return PrefillInputs(layer=layer, queries=q, keys=k, values=torch.zeros_like(k), lengths=torch.tensor(lengths),
-                         scale=D ** -0.5, info=info)
+    return _make_inputs(lengths, Hq, Hkv, D, layer=layer, num_layers=num_layers, shots=shots, seed=seed,
+                        random_values=False)
 
 
 def at_layer(inp, layer):
@@ -34,32 +30,17 @@ def at_layer(inp, layer):
 
 
 def kept_rows(ev, B, Hkv):
+    """Per sequence the kept positions, the same in every kv head (ShotKV keeps whole segments for all)."""
     out = []
-    for b in range(B):
-        rows = []
-        for h in range(Hkv):
-            r = ev.kept_idx[b, h]
-            rows.append(set(r[r >= 0].tolist()))
-        assert all(s == rows[0] for s in rows), "every kv head keeps the same tokens"
-        out.append(rows[0])
+    for rows in kept_lists(ev, B, Hkv):
+        assert all(r == rows[0] for r in rows), "every kv head keeps the same tokens"
+        out.append(set(rows[0]))
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # the oracle, written independently: Python floats
 # ------------------------------------------------------------------------------------------------
-
-def segments(spans, n):
-    segs, cur = [], 0
-    for a, e in spans:
-        if a > cur:
-            segs.append((cur, a, False))
-        segs.append((a, e, True))
-        cur = e
-    if cur < n:
-        segs.append((cur, n, False))
-    return segs
-
 
 def pooled(s, k):
     r = k // 2
@@ -78,24 +59,7 @@ def shot_value(tok, a, e, rule, topk):
 
 def seg_values(tok, spans, n, rule="mean", topk=4, pool=1):
     tok = pooled(tok, pool) if pool > 1 else list(tok)
-    return [shot_value(tok, a, e, rule, topk) for a, e, _ in segments(spans, n)]
-
-
-def greedy(values, spans, n, ratio, window, policy="stop"):
-    segs = segments(spans, n)
-    w0 = n - window
-    prot = [not shot or e > w0 for a, e, shot in segs]
-    need = sum(e - a for (a, e, _), p in zip(segs, prot) if p)
-    rem = max(budget_tokens(ratio, n), need) - need
-    keep = {i for i, p in enumerate(prot) if p}
-    for i in sorted((i for i in range(len(segs)) if not prot[i]), key=lambda i: (-values[i], i)):
-        size = segs[i][1] - segs[i][0]
-        if size <= rem:
-            keep.add(i)
-            rem -= size
-        elif policy == "stop":
-            break
-    return {j for i in keep for j in range(segs[i][0], segs[i][1])}
+    return [shot_value(tok, a, e, rule, topk) for a, e, _ in shot_segments(spans, n)]
 
 
 LENGTHS = [60, 47]
@@ -257,6 +221,27 @@ def test_segment_topk_mean_edge_cases():
 def test_bad_scoring_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ShotKV(0.5, **kwargs)
+
+
+def test_pool_size_as_wide_as_the_whole_prompt_is_rejected_when_the_generation_begins():
+    """The bound of pool_size: at 2 n - 1 (n the longest prompt) the window covers the whole prompt from every
+    token, so every pooled token score is the same and the shot ranking carries nothing; below it, it does."""
+    from kvpress_kernels.ops.scoring import pool_scores
+
+    n = max(LENGTHS)                                                           # 60: the bound is 119
+    tok = crafted_scores(0)
+    flat = pool_scores(tok, "avg", 2 * n - 1, lengths=torch.tensor(LENGTHS))
+    assert torch.allclose(flat[0, :n], flat[0, :n].mean().expand(n))          # uniform: nothing to rank by
+    assert flat[0, :n].std() < 1e-6 < pool_scores(tok, "avg", 2 * n - 3, lengths=torch.tensor(LENGTHS))[0, :n].std()
+    inp = make_inputs(LENGTHS, shots=SHOTS)
+    for pool in (2 * n - 1, 2 * n + 1, 10 ** 9 + 1):
+        m = ShotKV(0.45, pool_size=pool)                                       # the prompt is unknown here
+        with pytest.raises(ValueError, match=f"pool_size must be below 2 \\* n - 1 = {2 * n - 1}"):
+            m.begin(inp.info)
+        assert m.info is None and m._plan is None                              # nothing changed
+    m = ShotKV(0.45, pool_size=2 * n - 3)
+    m.begin(inp.info)
+    assert kept_rows(m.prefill(inp), 2, 2)                                     # the widest sensible window runs
 
 
 def test_harness_names_carry_the_options():

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvpress_kernels as kk
+from _fixtures import left_padded_prompts as prompts
+from _fixtures import tiny_llama
 from conftest import devices_for_triton
 from kvpress_kernels.integrations.transformers import ATTN_IMPLEMENTATION, PagedCache
 from kvpress_kernels.methods import budget_tokens
@@ -17,33 +18,6 @@ from kvpress_kernels.methods import budget_tokens
 # (query heads, kv heads, head dim): GQA ratios 2, 3, 1 (MHA) and 8
 CONFIGS = [(4, 2, 16), (3, 1, 8), (4, 4, 8), (8, 1, 16)]
 NEW = 6
-
-
-def tiny_llama(Hq=4, Hkv=2, D=16, layers=2, seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=Hq * D, intermediate_size=2 * Hq * D, num_hidden_layers=layers,
-                      num_attention_heads=Hq, num_key_value_heads=Hkv, head_dim=D, max_position_embeddings=256,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=None,
-                      # peaked logits: greedy choices are not near-ties that fp32 rounding could flip
-                      initializer_range=0.2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.generation_config.pad_token_id = 0
-    model.generation_config.eos_token_id = None
-    return model
-
-
-def prompts(batch, seed=0):
-    """Token ids and attention mask, left padded: lengths 37 (and 29)."""
-    g = torch.Generator().manual_seed(seed)
-    lengths = [37, 29][:batch]
-    N = max(lengths)
-    ids = torch.zeros(batch, N, dtype=torch.long)
-    mask = torch.zeros(batch, N, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, N - n:] = torch.randint(3, 97, (n,), generator=g)
-        mask[b, N - n:] = 1
-    return ids, mask, lengths
-
 
 SHOTS = {1: [[(1, 9), (9, 17), (17, 25), (25, 31)]],
          2: [[(1, 9), (9, 17), (17, 25), (25, 31)], [(0, 6), (6, 14), (14, 22)]]}

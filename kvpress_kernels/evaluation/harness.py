@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .stats import fmt, kept_after_prefill, kept_final, kv_rows, mean_se, nan_to_none, paired_diff
 from .tasks import TASK_NAMES, Example, answer_line, generate_task, score
 
 SETTINGS = ("query_aware", "query_agnostic", "multi_question", "multi_turn", "multi_turn_at_question")
@@ -328,15 +329,39 @@ class EvalResult:
     depth: List[Dict[str, object]]        # accuracy per depth bin (tasks with an answer-bearing shot)
 
 
-def _mean_se(xs: Sequence[float]) -> Tuple[float, float]:
-    n = len(xs)
-    if n == 0:
-        return math.nan, math.nan
-    m = sum(xs) / n
-    if n < 2:
-        return m, math.nan
-    var = sum((x - m) ** 2 for x in xs) / (n - 1)
-    return m, math.sqrt(var / n)
+_mean_se = mean_se          # the name the harness's callers (and tests) have used
+
+
+def example_records(model, tok, prep: Prepared, setting: str, variants: Sequence[Tuple[str, float]], n_rows: int,
+                    *, backend: Optional[str] = None, on_run=None) -> List[Dict[str, object]]:
+    """The records of one prepared example in one setting: the full cache, then every ``(method name, keep
+    ratio)`` of ``variants``, each compared with the full cache (``agree``, ``kl``); ``n_rows``
+    = layers x kv heads (:func:`~kvpress_kernels.evaluation.stats.kv_rows`) for ``kv_kept``. ``on_run()``
+    is called after every run (a progress bar)."""
+    ex = prep.example
+    full = run_once(model, tok, prep, None, setting, backend=backend)
+    if on_run is not None:
+        on_run()
+    full_lines = full.lines()
+    base = {"task": ex.task, "example": ex.index, "setting": setting, "depth": ex.depth,
+            "answer_shot": ex.answer_shot, "gold": ex.answer,
+            "prompt_tokens": int(prep.ctx_ids.shape[1] + prep.q_ids.shape[1]), "n_shots": len(prep.shots)}
+    recs = [{**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
+             "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
+             "kv_kept": 1.0, "kv_kept_final": 1.0, "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
+             "seconds": full.seconds}]
+    for name, ratio in variants:
+        out = run_once(model, tok, prep, build_method(name, ratio), setting, backend=backend)
+        if on_run is not None:
+            on_run()
+        st = out.stats
+        lines = out.lines()
+        recs.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
+                     "score": score(ex, out.texts if ex.turns else out.text), "agree": float(lines == full_lines),
+                     "kl": kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept_after_prefill(st, n_rows),
+                     "kv_kept_final": kept_final(st), "kv_bytes_after_prefill": st.get("kv_bytes_after_prefill"),
+                     "seconds": out.seconds})
+    return recs
 
 
 def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) -> EvalResult:
@@ -361,43 +386,16 @@ def run_eval(cfg: EvalConfig, *, progress: bool = True, model=None, tok=None) ->
     examples = {t: generate_task(t, cfg.n_examples, seed=cfg.seed, n_shots=cfg.n_shots) for t in cfg.tasks}
     prepared = {t: [prepare(ex, tok) for ex in exs] for t, exs in examples.items()}
     variants = [(m, r) for m in cfg.methods for r in cfg.keep_ratios]
-    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    n_rows = text_cfg.num_hidden_layers * (getattr(text_cfg, "num_key_value_heads", None) or text_cfg.num_attention_heads)
+    n_rows = kv_rows(model)
     total = sum(len(v) for v in prepared.values()) * len(cfg.settings) * (1 + len(variants))
     records: List[Dict[str, object]] = []
     bar = tqdm(total=total, desc="eval", unit="run", disable=not progress)
     for task, preps in prepared.items():
         for prep in preps:
-            ex = prep.example
             for setting in cfg.settings:
                 bar.set_postfix_str(f"{task} {setting}")
-                full = run_once(model, tok, prep, None, setting, backend=cfg.backend)
-                bar.update(1)
-                full_lines = full.lines()
-                base = {"task": task, "example": ex.index, "setting": setting, "depth": ex.depth,
-                        "answer_shot": ex.answer_shot, "gold": ex.answer,
-                        "prompt_tokens": int(prep.ctx_ids.shape[1] + prep.q_ids.shape[1]),
-                        "n_shots": len(prep.shots)}
-                records.append({**base, "method": "full", "keep_ratio": 1.0, "answer": " | ".join(full_lines),
-                                "score": score(ex, full.texts if ex.turns else full.text), "agree": 1.0, "kl": 0.0,
-                                "kv_kept": 1.0, "kv_kept_final": 1.0,
-                                "kv_bytes_after_prefill": full.stats.get("kv_bytes_after_prefill"),
-                                "seconds": full.seconds})
-                for name, ratio in variants:
-                    out = run_once(model, tok, prep, build_method(name, ratio), setting, backend=cfg.backend)
-                    bar.update(1)
-                    st = out.stats
-                    prefilled = n_rows * (st.get("prompt_lengths") or [math.nan])[0]
-                    kept = (st.get("kv_tokens_after_prefill") or math.nan) / prefilled
-                    kept_final = (st.get("kv_tokens_final") or math.nan) / (st.get("kv_tokens_full") or math.nan)
-                    lines = out.lines()
-                    records.append({**base, "method": name, "keep_ratio": ratio, "answer": " | ".join(lines),
-                                    "score": score(ex, out.texts if ex.turns else out.text),
-                                    "agree": float(lines == full_lines),
-                                    "kl": kl_divergence(full.logprobs, out.logprobs), "kv_kept": kept,
-                                    "kv_kept_final": kept_final,
-                                    "kv_bytes_after_prefill": st.get("kv_bytes_after_prefill"),
-                                    "seconds": out.seconds})
+                records += example_records(model, tok, prep, setting, variants, n_rows, backend=cfg.backend,
+                                           on_run=lambda: bar.update(1))
     bar.close()
     meta = {"model": model_name(), "torch": torch.__version__, "device": "cpu",
             "wall_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -444,7 +442,8 @@ def paired(records: List[Dict[str, object]], cfg: EvalConfig) -> List[Dict[str, 
     out = []
     for other in [m for m in cfg.methods if m != anchor]:
         for ratio in cfg.keep_ratios:
-            pooled: List[float] = []
+            pooled_a: List[float] = []
+            pooled_b: List[float] = []
             pooled_ka: List[float] = []
             pooled_kb: List[float] = []
             for task in cfg.tasks:
@@ -452,20 +451,16 @@ def paired(records: List[Dict[str, object]], cfg: EvalConfig) -> List[Dict[str, 
                     keys = [(e, (task, setting, e, anchor, ratio), (task, setting, e, other, ratio))
                             for e in range(cfg.n_examples)]
                     keys = [(e, a, b) for e, a, b in keys if a in idx and b in idx]
-                    diffs = [idx[a] - idx[b] for _, a, b in keys]
+                    sa, sb = [idx[a] for _, a, _ in keys], [idx[b] for _, _, b in keys]
                     ka, kb = [kept[a] for _, a, _ in keys], [kept[b] for _, _, b in keys]
-                    pooled += diffs
+                    pooled_a += sa
+                    pooled_b += sb
                     pooled_ka += ka
                     pooled_kb += kb
-                    m, se = _mean_se(diffs)
                     out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": task, "setting": setting,
-                                "n": len(diffs), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in diffs),
-                                "losses": sum(d < 0 for d in diffs), "kv_kept_a": _mean_se(ka)[0],
-                                "kv_kept_b": _mean_se(kb)[0]})
-            m, se = _mean_se(pooled)
+                                **paired_diff(sa, sb), "kv_kept_a": _mean_se(ka)[0], "kv_kept_b": _mean_se(kb)[0]})
             out.append({"a": anchor, "b": other, "keep_ratio": ratio, "task": "all", "setting": "all",
-                        "n": len(pooled), "mean_diff": m, "se": se, "wins": sum(d > 0 for d in pooled),
-                        "losses": sum(d < 0 for d in pooled), "kv_kept_a": _mean_se(pooled_ka)[0],
+                        **paired_diff(pooled_a, pooled_b), "kv_kept_a": _mean_se(pooled_ka)[0],
                         "kv_kept_b": _mean_se(pooled_kb)[0]})
     return out
 
@@ -482,8 +477,7 @@ def by_depth(records: List[Dict[str, object]], bins: int = 5) -> List[Dict[str, 
 
 
 # --------------------------------------------------------------------------- output
-def _f(x: float, nd: int = 2) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+_f = fmt                    # the table-cell formatter, by the name the eval scripts have used
 
 
 def format_table(result: EvalResult) -> str:
@@ -539,16 +533,7 @@ def write_outputs(result: EvalResult, out_dir: Path) -> List[Path]:
     paths = []
     p = out_dir / "eval_results.json"
 
-    def clean(x):
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-
-    p.write_text(json.dumps(clean({"config": asdict(result.config), "meta": result.meta, "summary": result.summary,
+    p.write_text(json.dumps(nan_to_none({"config": asdict(result.config), "meta": result.meta, "summary": result.summary,
                                    "pairs": result.pairs, "depth": result.depth, "records": result.records}), indent=1))
     paths.append(p)
     p = out_dir / "eval_summary.csv"
@@ -606,6 +591,6 @@ def plot(result: EvalResult, path: Path) -> Optional[Path]:
     return path
 
 
-__all__ = ["EvalConfig", "EvalResult", "run_eval", "run_once", "prepare", "build_method", "format_table",
+__all__ = ["EvalConfig", "EvalResult", "run_eval", "run_once", "example_records", "prepare", "build_method", "format_table",
            "write_outputs", "summarize", "parse_method_name", "paired", "by_depth", "kl_divergence", "SETTINGS"]
 

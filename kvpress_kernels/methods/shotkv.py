@@ -60,7 +60,9 @@ class ShotKV(CompressionMethod):
     ``"max"``, ``"topk_mean"`` (mean of the shot's ``shot_topk`` best tokens, all of them in a shorter
     shot); ``head_reduce`` = step 1's reduction over the query heads (``"sum"``, the paper, or ``"max"``);
     ``pool_size`` (odd, 1 = none) = SnapKV's centred average pooling of the token scores before step 2
-    (:func:`~kvpress_kernels.ops.scoring.pool_scores`, zero padded, within each prompt); ``layer_ranking``
+    (:func:`~kvpress_kernels.ops.scoring.pool_scores`, zero padded, within each prompt; below ``2 n - 1``
+    for the longest prompt ``n``: a window that wide covers the whole prompt from every token, every
+    pooled score is the prompt's sum / ``pool_size`` and no shot can be told from another); ``layer_ranking``
     = which scores rank the shots of layer ``l`` (``"per_layer"``, the paper; ``"cumulative"``: the
     shot scores summed over layers ``0..l``; ``"reuse"``: the selection of layer ``l - l % reuse_every``,
     which skips the scoring of the other layers). A ranking shared by *all* layers from all layers'
@@ -105,7 +107,10 @@ class ShotKV(CompressionMethod):
     head_reduce : {"sum", "max"}
         Reduction of the attention mass over the query heads (default ``"sum"``, the paper).
     pool_size : int, odd
-        Average pooling of the token scores before the shot reduction (default 1: none).
+        Average pooling of the token scores before the shot reduction (default 1: none). A pooling
+        ``pool_size >= 2 n - 1``, with ``n`` the longest prompt of a generation, makes every token score
+        equal (the window spans the whole prompt from every position): :meth:`begin` rejects it with a
+        ``ValueError`` before any state changes.
     layer_ranking : {"per_layer", "cumulative", "reuse"}
         Which scores rank the shots of a layer (default ``"per_layer"``, the paper).
     reuse_every : int >= 1
@@ -169,6 +174,11 @@ class ShotKV(CompressionMethod):
         return out
 
     def begin(self, info) -> None:
+        n = max(info.prompt_lengths, default=0)
+        if self.pool_size > 1 and self.pool_size >= 2 * n - 1:
+            raise ValueError(f"pool_size must be below 2 * n - 1 = {2 * n - 1} for the longest prompt (n = {n} "
+                             f"tokens): a pooling window of {self.pool_size} covers the whole prompt from every "
+                             "token, so every token score would be the same")
         super().begin(info)
         if info.shots is None:
             raise ValueError("shots must be given for ShotKV: pass shots=[(start, end), ...] (token spans of the "

@@ -55,7 +55,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
-from .compaction import compaction_plan_ref
+from .compaction import compaction_plan_ref, copy_tile, wide_bits
 from .scoring import attention_mass_paged
 
 try:
@@ -85,35 +85,37 @@ def freed_block_range(old_tokens: int, new_tokens: int, block_size: int) -> Tupl
 # Reference
 # ---------------------------------------------------------------------------------------------
 
+def _move_slots(k_cache, v_cache, src_table, dst_table, src, dst, head) -> None:
+    """The references' copy: slot ``src[j]`` of ``src_table``'s row into slot ``dst[j]`` of ``dst_table``'s
+    row, kv head ``head[j]``, K and V. Sources and destinations are disjoint (compaction: sources are
+    kept slots >= K, destinations holes < K; gather: distinct blocks), so gathering everything before
+    scattering is all the ordering needed."""
+    bs = k_cache.shape[1]
+    sb, so = src_table.long()[src // bs], src % bs
+    db, do = dst_table.long()[dst // bs], dst % bs
+    k_cache[db, do, head] = k_cache[sb, so, head]
+    v_cache[db, do, head] = v_cache[sb, so, head]
+
+
 def block_compact_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                       kept_idx: torch.Tensor, num_tokens: int) -> None:
     """Reference of :func:`block_compact_` (plain PyTorch, any device, no checks). The move list
     comes from :func:`~kvpress_kernels.ops.compaction.compaction_plan_ref` (its size depends on the
     data: a host sync on CUDA, which the Triton path does not have)."""
     H = k_cache.shape[2]
-    bs = k_cache.shape[1]
     kept = kept_idx.expand(H, kept_idx.shape[1])
     src, dst, head = compaction_plan_ref(kept, torch.empty(H, dtype=torch.int64, device=kept.device))
-    table = block_table.long()
-    sb, so = table[src // bs], src % bs
-    db, do = table[dst // bs], dst % bs
-    # Sources and destinations are disjoint: gather everything, then scatter.
-    k_cache[db, do, head] = k_cache[sb, so, head]
-    v_cache[db, do, head] = v_cache[sb, so, head]
+    _move_slots(k_cache, v_cache, block_table, block_table, src, dst, head)
 
 
 def block_gather_ref(k_cache: torch.Tensor, v_cache: torch.Tensor, src_table: torch.Tensor, dst_table: torch.Tensor,
                      kept_idx: torch.Tensor) -> None:
     """Reference of :func:`block_gather_` (plain PyTorch, any device, no checks)."""
-    H, bs = k_cache.shape[2], k_cache.shape[1]
-    K = kept_idx.shape[1]
+    H, K = k_cache.shape[2], kept_idx.shape[1]
     src = kept_idx.expand(H, K).long()                                   # [H, K]
     dst = torch.arange(K, device=kept_idx.device).expand(H, K)
     head = torch.arange(H, device=kept_idx.device).view(H, 1).expand(H, K)
-    sb, so = src_table.long()[src // bs], src % bs
-    db, do = dst_table.long()[dst // bs], dst % bs
-    k_cache[db, do, head] = k_cache[sb, so, head]
-    v_cache[db, do, head] = v_cache[sb, so, head]
+    _move_slots(k_cache, v_cache, src_table, dst_table, src, dst, head)
 
 
 def gather_block_tokens(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -129,30 +131,12 @@ def gather_block_tokens(cache: torch.Tensor, block_table: torch.Tensor, num_toke
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 
-#: Bytes of K (or V) one program moves per copy tile: 8 KiB over 4 warps is four 16-byte vectors per
-#: thread in flight and keeps addresses + data within ~64 registers (the compile check holds copy
-#: kernels to <= 128 registers; the 32 KiB tiles of the first paged compaction took 165-227).
-COPY_TILE_BYTES = 8192
-
-
 def raw_bits(t: torch.Tensor) -> torch.Tensor:
-    """An integer view of a float cache (at least its own width, at most 8 bytes) to move raw bits:
-    bit-exact in every backend (the interpreter mishandles bf16 arithmetic), wider elements mean
-    fewer, wider transactions. Among the legal views (``Tensor.view(dtype)`` checks sizes, strides and
-    offset), the widest whose outer strides are multiples of 16 elements wins: Triton marks such
-    strides divisible by 16, which lets it prove 16-byte alignment of every row."""
-    legal = []
-    for width, dt in ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.int8)):
-        if width < t.element_size():
-            break
-        try:
-            legal.append(t.view(dt))
-        except RuntimeError:
-            continue
-    for v in legal:
-        if all(st % 16 == 0 or sz == 1 for st, sz in zip(v.stride()[:-1], v.shape[:-1])):
-            return v
-    return legal[0]
+    """An integer view of a float cache to move raw bits: :func:`~kvpress_kernels.ops.compaction.wide_bits`
+    (at least its own width, at most 8 bytes; among the legal views the widest whose outer strides are
+    multiples of 16 elements, so that Triton can prove 16-byte alignment of every row)."""
+    return wide_bits(t)
+
 
 if triton is not None:
 
@@ -267,32 +251,28 @@ def block_compact_launch_config(block_size: int, head_dim_k: int, head_dim_v: in
     ``BLOCK_D`` covers a row in one step up to 256 bytes (``EVEN_D``: a mask constant along d, so the
     compiler keeps 16-byte vectors); ``BLOCK_K`` tokens make an 8 KiB tile; a tile under 2 KiB (16
     bytes per thread of 4 warps) gets one warp, so that threads still hold whole 16-byte vectors."""
-    dmax = max(head_dim_k, head_dim_v, 1)
-    block_d = min(triton.next_power_of_2(dmax), max(1, 256 // elem_size))
-    even = head_dim_k % block_d == 0 and head_dim_v % block_d == 0
-    if not even:
-        g = math.gcd(head_dim_k, head_dim_v)
-        p = g & -g
-        if p * elem_size >= 16:
-            block_d, even = min(p, block_d), True
-    row_bytes = block_d * elem_size
-    block_k = max(1, min(triton.next_power_of_2(max(K, 1)), COPY_TILE_BYTES // row_bytes))
-    num_warps = 4 if block_k * row_bytes >= 4 * 32 * 16 else 1
-    block_k = max(block_k, triton.cdiv(num_warps * 32 * 16, row_bytes))
+    block_k, block_d, even, num_warps = copy_tile(K, head_dim_k, head_dim_v, elem_size)
     return dict(BLOCK_SIZE=int(block_size), BLOCK_K=block_k, BLOCK_D=block_d, LOG_K=int(K).bit_length(),
                 EVEN_D=even, num_warps=num_warps)
+
+
+def _launch_views(k_cache, v_cache, kept_idx):
+    """What both block kernels are launched with: the raw-bits views of K and V, their row lengths in
+    those elements, the launch config and the kept row stride (0: one kept set shared by every head)."""
+    kb, vb = raw_bits(k_cache), raw_bits(v_cache)
+    dk, dv = kb.shape[-1], vb.shape[-1]
+    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, kept_idx.shape[1],
+                                      max(kb.element_size(), vb.element_size()))
+    s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
+    return kb, vb, dk, dv, cfg, s_row
 
 
 def _block_compact_triton(k_cache, v_cache, block_table, kept_idx, num_tokens: int) -> None:
     H, K = k_cache.shape[2], kept_idx.shape[1]
     if K == 0 or H == 0:
         return
-    kb, vb = raw_bits(k_cache), raw_bits(v_cache)
-    dk, dv = kb.shape[-1], vb.shape[-1]
-    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K, max(kb.element_size(), vb.element_size()))
-    n_tiles = triton.cdiv(K, cfg["BLOCK_K"])
-    s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
-    _block_compact_kernel[(H, n_tiles)](
+    kb, vb, dk, dv, cfg, s_row = _launch_views(k_cache, v_cache, kept_idx)
+    _block_compact_kernel[(H, triton.cdiv(K, cfg["BLOCK_K"]))](
         kb, vb, block_table, kept_idx,
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2), block_table.stride(0),
         s_row, kept_idx.stride(1), K, dk, dv, **cfg)
@@ -302,11 +282,8 @@ def _block_gather_triton(k_cache, v_cache, src_table, dst_table, kept_idx) -> No
     H, K = k_cache.shape[2], kept_idx.shape[1]
     if K == 0 or H == 0:
         return
-    kb, vb = raw_bits(k_cache), raw_bits(v_cache)
-    dk, dv = kb.shape[-1], vb.shape[-1]
-    cfg = block_compact_launch_config(k_cache.shape[1], dk, dv, K, max(kb.element_size(), vb.element_size()))
+    kb, vb, dk, dv, cfg, s_row = _launch_views(k_cache, v_cache, kept_idx)
     del cfg["LOG_K"]  # no search in the gather
-    s_row = 0 if kept_idx.shape[0] == 1 else kept_idx.stride(0)
     _block_gather_kernel[(H, triton.cdiv(K, cfg["BLOCK_K"]))](
         kb, vb, src_table, dst_table, kept_idx,
         kb.stride(0), kb.stride(1), kb.stride(2), vb.stride(0), vb.stride(1), vb.stride(2),

@@ -43,7 +43,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import resolve_backend, wants_data_checks
-from .selection import order_keys
+from .selection import _budget_tensor, _check_budget, _protected, order_keys
 
 try:
     import triton
@@ -60,26 +60,10 @@ _I32_MIN = -(2 ** 31)
 # Reference
 # --------------------------------------------------------------------------------------------------
 
-def _per_row(v, B: int, device: torch.device) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v.reshape(B).to(device=device, dtype=torch.int64)
-    return torch.full((B,), int(v), dtype=torch.int64, device=device)
-
-
 def _head_lengths(lengths: Optional[torch.Tensor], B: int, H: int, N: int, device) -> torch.Tensor:
     if lengths is None:
         return torch.full((B, H), N, dtype=torch.int64, device=device)
     return lengths.reshape(B, H).to(device=device, dtype=torch.int64).clamp(0, N)
-
-
-def _protected(lens: torch.Tensor, N: int, sink: int, recent: int, protect: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, H, N]`` bool: the protected valid tokens of every head."""
-    j = torch.arange(N, device=lens.device, dtype=torch.int64).view(1, 1, N)
-    L = lens.unsqueeze(-1)
-    prot = (j < sink) | (j >= L - recent)
-    if protect is not None:
-        prot = prot | protect.to(torch.bool)
-    return prot & (j < L)
 
 
 def _topk_ranks(key: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -100,8 +84,8 @@ def select_head_budget_ref(scores: torch.Tensor, budget: Union[int, torch.Tensor
     kept even beyond the budget, ``kept_idx`` truncated to ``K``)."""
     B, H, N = scores.shape
     dev = scores.device
-    bud = _per_row(budget, B, dev)
-    flo = _per_row(floor, B, dev).clamp(min=0)
+    bud = _budget_tensor(budget, B, dev)
+    flo = _budget_tensor(floor, B, dev).clamp(min=0)
     if max_budget is not None:
         K = int(max_budget)
     elif isinstance(budget, torch.Tensor):
@@ -368,19 +352,6 @@ def _(scores, budgets, floors, lengths, sink, recent, protect, max_budget, backe
 # Public entry point
 # --------------------------------------------------------------------------------------------------
 
-def _check_per_row(name: str, v, B: int, dev: torch.device) -> Union[int, torch.Tensor]:
-    if isinstance(v, torch.Tensor) and v.dim() == 1:
-        V.tensor(name, v, ndim=1, dtypes=V.INDEX_DTYPES, device=dev)
-        V.shape(name, v, [B], "(one per row of scores)")
-        return v
-    if isinstance(v, torch.Tensor) and v.dim() != 0:
-        raise ValueError(f"{name} must be an int or a [{B}] int tensor, got shape {list(v.shape)}")
-    try:
-        return V.integer(name, v, low=0)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a [{B}] int tensor, got {type(v).__name__}") from None
-
-
 def select_head_budget(scores: torch.Tensor, budget: Union[int, torch.Tensor], *,
                        floor: Union[int, torch.Tensor] = 0, lengths: Optional[torch.Tensor] = None,
                        sink: int = 0, recent: int = 0, protect: Optional[torch.Tensor] = None,
@@ -434,8 +405,8 @@ def select_head_budget(scores: torch.Tensor, budget: Union[int, torch.Tensor], *
     V.tensor("scores", scores, ndim=3, dtypes=V.FLOAT_DTYPES)
     dev = scores.device
     B, H, N = scores.shape
-    budget = _check_per_row("budget", budget, B, dev)
-    floor = _check_per_row("floor", floor, B, dev)
+    budget = _check_budget(budget, B, dev, "budget", "(one per row of scores)")
+    floor = _check_budget(floor, B, dev, "floor", "(one per row of scores)")
     if lengths is not None:
         V.tensor("lengths", lengths, ndim=2, dtypes=V.INDEX_DTYPES, device=dev)
         V.shape("lengths", lengths, [B, H], "(one per head of scores)")
@@ -462,8 +433,8 @@ def select_head_budget(scores: torch.Tensor, budget: Union[int, torch.Tensor], *
         if lengths is not None and lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > N):
             raise ValueError(f"lengths must be in [0, N={N}], got min {int(lengths.min())}, max {int(lengths.max())}")
         lens = _head_lengths(lengths, B, H, N, dev)
-        bud = _per_row(budget, B, dev)
-        flo = _per_row(floor, B, dev)
+        bud = _budget_tensor(budget, B, dev)
+        flo = _budget_tensor(floor, B, dev)
         if int(bud.min()) < 0:
             b = int((bud < 0).nonzero()[0])
             raise ValueError(f"budget must be >= 0, got budget[{b}] = {int(bud[b])}")

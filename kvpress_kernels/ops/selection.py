@@ -69,11 +69,12 @@ def _budget_tensor(budget, R: int, device: torch.device) -> torch.Tensor:
     return torch.full((R,), int(budget), dtype=torch.int64, device=device)
 
 
-def _protected(R: int, N: int, lens: torch.Tensor, sink: int, recent: int,
-               protect: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[R, N]`` bool: the protected valid tokens of every row."""
-    j = torch.arange(N, device=lens.device, dtype=torch.int64).unsqueeze(0)
-    L = lens.unsqueeze(1)
+def _protected(lens: torch.Tensor, N: int, sink: int, recent: int, protect: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[..., N]`` bool: the protected valid tokens of every row of lengths ``lens [...]`` (the first
+    ``sink``, the last ``recent`` and the ``protect``-ed ones, below the row's length); selection's rows
+    ``[R]`` and head_budget's ``[B, H]`` alike."""
+    j = torch.arange(N, device=lens.device, dtype=torch.int64)
+    L = lens.unsqueeze(-1)
     prot = (j < sink) | (j >= L - recent)
     if protect is not None:
         prot = prot | protect.to(torch.bool)
@@ -102,7 +103,7 @@ def select_topk_ref(scores: torch.Tensor, budget: Union[int, torch.Tensor], *, l
     else:
         K = max(int(budget), 0)
     lens = _lengths64(lengths, R, N, dev)
-    prot = _protected(R, N, lens, sink, recent, protect)
+    prot = _protected(lens, N, sink, recent, protect)
     j = torch.arange(N, device=dev, dtype=torch.int64).unsqueeze(0)
     cand = (j < lens.unsqueeze(1)) & ~prot
     need = bud.clamp(min=0).minimum(lens) - prot.sum(1)
@@ -418,10 +419,13 @@ def _(seg_scores, seg_sizes, budgets, policy, protect, backend):
 # Public entry points
 # --------------------------------------------------------------------------------------------------
 
-def _check_budget(budget, R: int, dev: torch.device, name: str = "budget") -> Union[int, torch.Tensor]:
+def _check_budget(budget, R: int, dev: torch.device, name: str = "budget",
+                  what: str = "(one budget per row)") -> Union[int, torch.Tensor]:
+    """A per-row count argument (``budget``; head_budget's ``floor`` too): a non-negative int, or a ``[R]``
+    int tensor on ``dev`` (its values are checked by the caller). ``what`` ends the shape error."""
     if isinstance(budget, torch.Tensor) and budget.dim() == 1:
         V.tensor(name, budget, ndim=1, dtypes=V.INDEX_DTYPES, device=dev)
-        V.shape(name, budget, [R], "(one budget per row)")
+        V.shape(name, budget, [R], what)
         return budget
     if isinstance(budget, torch.Tensor) and budget.dim() != 0:
         raise ValueError(f"{name} must be an int or a [{R}] int tensor, got shape {list(budget.shape)}")
@@ -516,7 +520,7 @@ def select_topk(scores: torch.Tensor, budget: Union[int, torch.Tensor], *, lengt
         if bool(over.any()):
             r = int(over.nonzero()[0])
             raise ValueError(f"budget larger than the row: budget[{r}] = {int(bud[r])} > lengths[{r}] = {int(lens[r])}")
-        n_prot = _protected(R, N, lens, sink, recent, protect).sum(1)
+        n_prot = _protected(lens, N, sink, recent, protect).sum(1)
         bad = n_prot > bud
         if bool(bad.any()):
             r = int(bad.nonzero()[0])
