@@ -56,6 +56,10 @@ from .ops.compaction import compact_
 IntsLike = Union[int, Sequence[int], np.ndarray, torch.Tensor]
 
 
+#: int ranges the host-int checks use (``np.iinfo`` builds an object per call: the decode step calls them)
+_I32 = np.iinfo(np.int32)
+_I64 = np.iinfo(np.int64)
+
 class CacheFullError(RuntimeError):
     """The page pool of a fixed-size :class:`PagedKVCache` has no free page left."""
 
@@ -370,7 +374,7 @@ class PagedKVCache:
     def _int32_to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
         """``arr`` as an int32 device tensor; ``ValueError`` naming ``name`` for a value outside int32 (the
         cast would wrap it). Callers convert before they change anything."""
-        i32 = np.iinfo(np.int32)
+        i32 = _I32
         if arr.size and (int(arr.min()) < i32.min or int(arr.max()) > i32.max):
             raise ValueError(f"{name} must fit in int32 [{i32.min}, {i32.max}] on the device, got min "
                              f"{int(arr.min())}, max {int(arr.max())}")
@@ -383,9 +387,9 @@ class PagedKVCache:
         device ints, once the last new position ``seen_tokens + T - 1`` is known to fit int32 too."""
         seen = self._seen_h[layer]
         last = int(seen.max()) + T - 1 if seen.size else 0
-        if last > np.iinfo(np.int32).max:
+        if last > _I32.max:
             raise ValueError(f"seen_tokens + T - 1 = {last} (the last new position) must fit in int32 "
-                             f"[{np.iinfo(np.int32).min}, {np.iinfo(np.int32).max}], the dtype of the stored positions")
+                             f"[{_I32.min}, {_I32.max}], the dtype of the stored positions")
         return self._int32_to_device("seen_tokens", seen)
 
     # ------------------------------------------------------------------ the cache operations
@@ -407,14 +411,17 @@ class PagedKVCache:
         layer = self._check_layer(layer)
         T = self._check_new(k, v)
         B, H = self.batch_size, self.num_kv_heads
-        cnt = self._row_ints("counts", counts) if counts is not None else np.full((B, H), T, dtype=np.int64)
-        if cnt.size and (int(cnt.min()) < 0 or int(cnt.max()) > T):
-            raise ValueError(f"counts must be in [0, T={T}], got min {int(cnt.min())}, max {int(cnt.max())}")
+        if counts is None:
+            cnt = np.full((B, H), T, dtype=np.int64)
+        else:
+            cnt = self._row_ints("counts", counts)
+            if cnt.size and (int(cnt.min()) < 0 or int(cnt.max()) > T):
+                raise ValueError(f"counts must be in [0, T={T}], got min {int(cnt.min())}, max {int(cnt.max())}")
         if positions is not None:
             V.tensor("positions", positions, ndim=(2, 3), dtypes=V.INDEX_DTYPES, device=self.device)
             V.shape("positions", positions, [B, T] if positions.dim() == 2 else [B, H, T],
                     "([batch, T] or [batch, kv_heads, T])")
-        if T == 0 or not cnt.any():
+        if T == 0 or (counts is not None and not cnt.any()):
             return
         pos_new = None
         if self.pos_pages is not None:
@@ -793,7 +800,7 @@ class PagedKVCache:
     def _ints(self, name: str, x) -> np.ndarray:
         """Host ints (an int, a list, numpy or a tensor) as int64 numpy; ``TypeError`` for non-integers,
         ``ValueError`` for a value outside int64 (casting would wrap ``2**63`` to ``-2**63``), naming ``name``."""
-        i64 = np.iinfo(np.int64)
+        i64 = _I64
         if isinstance(x, torch.Tensor):
             if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
                 raise TypeError(f"{name} must hold integers, got dtype {x.dtype}")
