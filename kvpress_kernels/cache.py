@@ -374,9 +374,8 @@ class PagedKVCache:
     def _int32_to_device(self, name: str, arr: np.ndarray) -> torch.Tensor:
         """``arr`` as an int32 device tensor; ``ValueError`` naming ``name`` for a value outside int32 (the
         cast would wrap it). Callers convert before they change anything."""
-        i32 = _I32
-        if arr.size and (int(arr.min()) < i32.min or int(arr.max()) > i32.max):
-            raise ValueError(f"{name} must fit in int32 [{i32.min}, {i32.max}] on the device, got min "
+        if arr.size and (int(arr.min()) < _I32.min or int(arr.max()) > _I32.max):
+            raise ValueError(f"{name} must fit in int32 [{_I32.min}, {_I32.max}] on the device, got min "
                              f"{int(arr.min())}, max {int(arr.max())}")
         out = torch.empty(arr.shape, dtype=torch.int32, device=self.device)
         self._upload(out, arr.astype(np.int32))

@@ -283,12 +283,11 @@ class PagedCache(MaxLengthCompat, Cache):
             if self.kv is None or key_states.shape[0] != self.kv.batch_size:
                 raise ValueError(f"key_states has batch {key_states.shape[0]}, the cache holds "
                                  f"{None if self.kv is None else self.kv.batch_size} sequences")
-            if key_states.dtype != self.kv.dtype and torch.is_autocast_enabled(key_states.device.type):
+            dt = self.kv.dtype
+            if (key_states.dtype != dt or value_states.dtype != dt) and torch.is_autocast_enabled(key_states.device.type):
                 # under autocast the projections come out in the autocast dtype (KVzip's reduced-precision
-                # reconstruction): the cache stores its own dtype
-                key_states, value_states = key_states.to(self.kv.dtype), value_states.to(self.kv.dtype)
-            elif value_states.dtype != self.kv.dtype and torch.is_autocast_enabled(value_states.device.type):
-                value_states = value_states.to(self.kv.dtype)
+                # reconstruction): the cache stores its own dtype (outside autocast a mismatch stays an error)
+                key_states, value_states = key_states.to(dt), value_states.to(dt)
             self.kv.append(layer, key_states, value_states)      # strided views: the op takes strides
             if layer == 0:
                 # Prompt extension (a later question, the next chat turn) is prompt, not generated tokens:

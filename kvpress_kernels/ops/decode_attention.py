@@ -105,8 +105,10 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
     lens = lengths.to(device=dev, dtype=torch.long)
     n_pages = max_pages
     on_host = dev.type == "cpu" and not torch.compiler.is_compiling() and lens.numel() > 0
-    if on_host:
-        n_pages = max(1, min(max_pages, -(-int(lens.max()) // page_size)))
+    l_min = l_max = 0
+    if on_host:    # the lengths are host memory here: one read of their range serves every use below
+        l_min, l_max = (int(x) for x in torch.aminmax(lens))
+        n_pages = max(1, min(max_pages, -(-l_max // page_size)))
     S = n_pages * page_size
     # entries past a row's used pages may be anything (-1, stale ids): clamp them to a valid page, the
     # slots they give are masked below
@@ -118,17 +120,16 @@ def paged_decode_attention_ref(q: torch.Tensor, k_pages: torch.Tensor, v_pages: 
         # (no eviction, or a uniform one): the first L slots are exactly the live keys, so the attention is
         # one fused SDPA call over that view, the query heads of a kv head as its rows (no mask, no copy of
         # K/V beyond the page gather, no repeat of the kv heads).
-        L = int(lens.max())
-        if L > 0 and int(lens.min()) == L:
+        if 0 < l_min == l_max:
             qf = q.float().reshape(B, Hkv, G * T, D)
-            out = F.scaled_dot_product_attention(qf, k[:, :, :L].float(), v[:, :, :L].float(), scale=scale)
+            out = F.scaled_dot_product_attention(qf, k[:, :, :l_max].float(), v[:, :, :l_max].float(), scale=scale)
             return out.reshape(B, Hq, T, D).to(q.dtype), None
     k, v = k.float(), v.float()
     j = torch.arange(S, device=dev)
     live = j < lens.unsqueeze(-1)                                              # [B, Hkv, S]
     # Zero the dead slots of K and V: they may hold anything (inf/NaN from a freed page) and
     # 0 * NaN = NaN. Before the shortest row's length every slot is live, so only the tail is touched.
-    l_min = min(S, int(lens.min())) if on_host else 0
+    l_min = min(S, l_min)
     dead = ~live[:, :, l_min:].unsqueeze(-1)
     k[:, :, l_min:].masked_fill_(dead, 0.0)
     v[:, :, l_min:].masked_fill_(dead, 0.0)
